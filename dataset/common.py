@@ -1,0 +1,112 @@
+"""Shared pieces of the dataset builders, the loader and the evaluators: the on-disk metadata model, the eight
+dihedral transforms with their inverses, and atomic writing of a dataset folder."""
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import pydantic
+
+
+class PuzzleDatasetMetadata(pydantic.BaseModel):
+    """`<split>/dataset.json`. Field order is the file's key order (REFERENCE.md section 1.2)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    pad_id: int
+    ignore_label_id: Optional[int]
+    blank_identifier_id: int
+    vocab_size: int
+    seq_len: int
+    num_puzzle_identifiers: int
+    total_groups: int
+    mean_puzzle_examples: float
+    total_puzzles: int
+    sets: List[str]
+
+
+# Dihedral group of the square: id -> transform. Inverse of id t is DIHEDRAL_INVERSE[t].
+DIHEDRAL_INVERSE = [0, 3, 2, 1, 4, 5, 6, 7]
+
+
+def dihedral_transform(arr: np.ndarray, tid: int) -> np.ndarray:
+    """Apply dihedral transform `tid` (0..7) to a 2-D grid (h, w)."""
+    if tid == 0:
+        return arr  # identity
+    if tid == 1:
+        return np.rot90(arr, k=1)  # 90 degrees counter-clockwise
+    if tid == 2:
+        return np.rot90(arr, k=2)
+    if tid == 3:
+        return np.rot90(arr, k=3)
+    if tid == 4:
+        return np.fliplr(arr)  # left-right mirror
+    if tid == 5:
+        return np.flipud(arr)  # up-down mirror
+    if tid == 6:
+        return arr.T  # transpose
+    if tid == 7:
+        return np.fliplr(np.rot90(arr, k=1))  # anti-transpose
+    raise ValueError(f"dihedral transform id must be in 0..7, got {tid}")
+
+
+def inverse_dihedral_transform(arr: np.ndarray, tid: int) -> np.ndarray:
+    return dihedral_transform(arr, DIHEDRAL_INVERSE[tid])
+
+
+class DatasetBuildError(Exception):
+    """A problem with a builder's input or output; reported as one line by `run_cli`."""
+
+
+def run_cli(main, *args, **kwargs):
+    """Run a builder's main; a DatasetBuildError becomes one line on stderr and exit code 1."""
+    try:
+        return main(*args, **kwargs)
+    except DatasetBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(output_dir: str) -> Iterator[str]:
+    """Yield a temporary folder beside `output_dir`; rename it to `output_dir` only if the body succeeds.
+
+    Refuses an `output_dir` that exists and is not empty, so a build never mixes with other data and a failed
+    build leaves nothing half-written behind."""
+    output_dir = os.path.normpath(output_dir)
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise DatasetBuildError(
+            f"output directory {output_dir} already exists and is not empty; remove it or choose another --output-dir"
+        )
+    parent = os.path.dirname(output_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.isdir(output_dir):
+            os.rmdir(output_dir)  # empty (checked above)
+        os.rename(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    # Python's json.dump defaults (no indent, ', ' / ': ' separators, ASCII-escaped), as the reference writes.
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def save_split(root: str, split: str, metadata: PuzzleDatasetMetadata, arrays: Dict[str, Dict[str, np.ndarray]]) -> None:
+    """Write `<root>/<split>/dataset.json` and `<set>__<field>.npy` for every set in `arrays`."""
+    split_dir = os.path.join(root, split)
+    os.makedirs(split_dir, exist_ok=True)
+    write_json(os.path.join(split_dir, "dataset.json"), metadata.model_dump())
+    for set_name, fields in arrays.items():
+        for field, arr in fields.items():
+            np.save(os.path.join(split_dir, f"{set_name}__{field}.npy"), arr)
