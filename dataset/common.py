@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pydantic
@@ -110,3 +110,19 @@ def save_split(root: str, split: str, metadata: PuzzleDatasetMetadata, arrays: D
     for set_name, fields in arrays.items():
         for field, arr in fields.items():
             np.save(os.path.join(split_dir, f"{set_name}__{field}.npy"), arr)
+
+
+def inverse_aug(name: str) -> Tuple[str, Callable[[np.ndarray], np.ndarray]]:
+    """Split an augmented ARC puzzle name `<base>|||t<k>|||<m(0)..m(9)>` into its base name and the function that
+    maps an augmented grid (colours 0..9) back to the original: inverse dihedral first, then inverse colours.
+    A name without `|||` is an original puzzle: identity."""
+    if "|||" not in name:
+        return name, lambda grid: grid
+    fields = name.split("|||")
+    trans_id = int(fields[-2][1:])  # "t<k>"
+    inverse_colors = np.argsort(np.array([int(d) for d in fields[-1]], dtype=np.uint8)).astype(np.uint8)
+
+    def invert(grid: np.ndarray) -> np.ndarray:
+        return inverse_colors[inverse_dihedral_transform(grid, trans_id)]
+
+    return fields[0], invert
