@@ -1,0 +1,267 @@
+"""Offline Sudoku generator: writes `train.csv` / `test.csv` in the column layout of the hub dataset
+`sapientinc/sudoku-extreme`, so `build_sudoku_dataset.py --source-dir` can build a dataset without the hub.
+
+Each puzzle comes from its own random solution grid, has exactly one solution, and is rated by the search effort
+of a fixed-order backtracking solver: the number of dead ends in its complete search tree (0 = solved by naked
+and hidden singles alone). Output depends only on the arguments and `--seed`, not on the number of workers.
+
+    python -m dataset.generate_sudoku --output-dir data/sudoku-gen-src --num-train 10000 --num-test 1000 \\
+        --min-blanks 50 --seed 0
+"""
+
+import argparse
+import csv
+import multiprocessing
+import os
+import sys
+from typing import List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from dataset.common import DatasetBuildError, atomic_output_dir, run_cli
+
+# A candidate set is a 9-bit mask: bit d-1 set <=> digit d possible.
+FULL = 0x1FF
+POPCOUNT = [bin(m).count("1") for m in range(FULL + 1)]
+BIT_TO_DIGIT = {1 << d: d + 1 for d in range(9)}
+MASK_BITS = [[1 << d for d in range(9) if m >> d & 1] for m in range(FULL + 1)]
+
+UNITS = (
+    [[r * 9 + c for c in range(9)] for r in range(9)]
+    + [[r * 9 + c for r in range(9)] for c in range(9)]
+    + [[(br * 3 + r) * 9 + bc * 3 + c for r in range(3) for c in range(3)] for br in range(3) for bc in range(3)]
+)
+PEERS = [sorted({p for u in UNITS if i in u for p in u} - {i}) for i in range(81)]
+
+# 17 givens is the proven minimum for a uniquely solvable Sudoku, so at most 64 blanks.
+MAX_BLANKS = 64
+CHUNK_SIZE = 50  # puzzles per work item; fixed so that the output does not depend on the worker count
+
+
+def _propagate(cand: List[int], queue: List[int]) -> bool:
+    """Apply naked and hidden singles to fixpoint, starting by removing the values of the cells in `queue` from
+    their peers. Modifies `cand` in place; False on a contradiction."""
+    while True:
+        while queue:
+            cell = queue.pop()
+            bit = cand[cell]
+            for p in PEERS[cell]:
+                c = cand[p]
+                if c & bit:
+                    c ^= bit
+                    if not c:
+                        return False
+                    cand[p] = c
+                    if not c & (c - 1):
+                        queue.append(p)
+        # Hidden singles: a digit with exactly one possible cell in a unit goes there.
+        for unit in UNITS:
+            once = twice = 0
+            for cell in unit:
+                m = cand[cell]
+                twice |= once & m
+                once |= m
+            if once != FULL:
+                return False  # some digit has no place left in this unit
+            hidden = once & ~twice
+            if hidden:
+                for cell in unit:
+                    m = cand[cell] & hidden
+                    if m and cand[cell] != m:
+                        if m & (m - 1):
+                            return False  # two digits that each need this cell
+                        cand[cell] = m
+                        queue.append(cell)
+        if not queue:
+            return True
+
+
+def _branch_cell(cand: List[int]) -> int:
+    """Unsolved cell with the fewest candidates (lowest index on ties), or -1 when all are solved."""
+    best, best_n = -1, 10
+    for i in range(81):
+        n = POPCOUNT[cand[i]]
+        if 1 < n < best_n:
+            best, best_n = i, n
+            if n == 2:
+                break
+    return best
+
+
+def _search(cand: List[int], limit: int, digit_order: Optional[List[List[int]]] = None) -> Tuple[List[List[int]], int]:
+    """Depth-first search from propagated candidates `cand` for up to `limit` solutions.
+
+    Returns (solutions as candidate lists, dead ends). The explored tree depends only on the branching rule, not
+    on the order in which digits are tried, so when fewer than `limit` solutions exist the dead-end count is a
+    property of the puzzle. `digit_order[cell]` (a permutation of bits) randomizes which solution comes first."""
+    solutions, dead_ends = [], 0
+    # Entries are (candidates, cell, bit): a branch not yet propagated, so a search that stops early skips the
+    # work for siblings it never visits. (cand, -1, 0) stands for the already propagated root.
+    stack = [(cand, -1, 0)]
+    while stack:
+        cand, cell, bit = stack.pop()
+        if cell >= 0:
+            cand = cand.copy()
+            cand[cell] = bit
+            if not _propagate(cand, [cell]):
+                dead_ends += 1
+                continue
+        cell = _branch_cell(cand)
+        if cell < 0:
+            solutions.append(cand)
+            if len(solutions) >= limit:
+                break
+            continue
+        m = cand[cell]
+        bits = MASK_BITS[m] if digit_order is None else [b for b in digit_order[cell] if m & b]
+        stack.extend((cand, cell, b) for b in reversed(bits))  # try the first digit first
+    return solutions, dead_ends
+
+
+def _initial_candidates(grid: List[int]) -> Optional[List[int]]:
+    """Propagated candidates for `grid` (81 digits, 0 = blank), or None if the givens contradict."""
+    cand = [1 << (v - 1) if v else FULL for v in grid]
+    if not _propagate(cand, [i for i, v in enumerate(grid) if v]):
+        return None
+    return cand
+
+
+def solve(grid: List[int], limit: int = 2) -> Tuple[List[List[int]], int]:
+    """Solutions (up to `limit`, as digit lists) of `grid` (81 digits, 0 = blank) and the search's dead ends."""
+    cand = _initial_candidates(grid)
+    if cand is None:
+        return [], 1
+    solutions, dead_ends = _search(cand, limit)
+    return [[BIT_TO_DIGIT[b] for b in s] for s in solutions], dead_ends
+
+
+def _random_solution(rng: np.random.Generator) -> List[int]:
+    """A random complete grid: the three diagonal boxes (which share no row or column) get random digits, then a
+    search with a random digit order per cell completes them."""
+    grid = [0] * 81
+    for box, digits in zip((0, 4, 8), rng.permuted(np.tile(np.arange(1, 10), (3, 1)), axis=1).tolist()):
+        for cell, digit in zip(UNITS[18 + box], digits):
+            grid[cell] = digit
+    digit_order = (1 << rng.permuted(np.tile(np.arange(9), (81, 1)), axis=1)).tolist()
+    solutions, _ = _search(_initial_candidates(grid), 1, digit_order)
+    return [BIT_TO_DIGIT[b] for b in solutions[0]]
+
+
+def _removal_keeps_unique(grid: List[int], cell: int, value: int) -> bool:
+    """With `grid[cell]` already blanked: True iff no solution puts another digit than `value` there."""
+    bit = 1 << (value - 1)
+    seen = 0
+    for p in PEERS[cell]:
+        if grid[p]:
+            seen |= 1 << (grid[p] - 1)
+    if seen | bit == FULL:
+        return True  # naked single: the other givens force `value`
+    cand = [1 << (v - 1) if v else FULL for v in grid]
+    cand[cell] = FULL & ~bit
+    if not _propagate(cand, [i for i, v in enumerate(grid) if v]):
+        return True
+    solutions, _ = _search(cand, 1)
+    return not solutions
+
+
+def _generate_one(rng: np.random.Generator, min_blanks: int, max_blanks: int, min_rating: int) -> Tuple[str, str, int]:
+    """One puzzle as (question with '.' blanks, answer, rating); retries until the knobs hold."""
+    while True:
+        solution = _random_solution(rng)
+        target = int(rng.integers(min_blanks, max_blanks + 1))
+        grid = solution.copy()
+        blanks = 0
+        # Blank cells in random order, skipping any whose removal would admit a second solution.
+        for cell in rng.permutation(81).tolist():
+            grid[cell] = 0
+            if _removal_keeps_unique(grid, cell, solution[cell]):
+                blanks += 1
+                if blanks == target:
+                    break
+            else:
+                grid[cell] = solution[cell]
+        if blanks < target:
+            continue  # reached a minimal puzzle with fewer blanks: start over from a new grid
+        solutions, rating = solve(grid, limit=2)
+        assert len(solutions) == 1 and solutions[0] == solution
+        if rating >= min_rating:
+            question = "".join(str(v) if v else "." for v in grid)
+            return question, "".join(map(str, solution)), rating
+
+
+def _generate_chunk(args) -> List[Tuple[str, str, int]]:
+    seed, chunk_index, count, min_blanks, max_blanks, min_rating = args
+    rng = np.random.default_rng([seed, chunk_index])  # own stream per chunk: independent of scheduling
+    return [_generate_one(rng, min_blanks, max_blanks, min_rating) for _ in range(count)]
+
+
+def generate(num_puzzles: int, min_blanks: int, max_blanks: int, min_rating: int, seed: int, workers: int,
+             progress: bool = True) -> List[Tuple[str, str, int]]:
+    """`num_puzzles` puzzles with pairwise distinct solution grids, in a seed-determined order."""
+    puzzles, seen = [], set()
+    next_chunk = 0
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        with tqdm(total=num_puzzles, desc="sudoku puzzles", file=sys.stderr, disable=not progress) as bar:
+            while len(puzzles) < num_puzzles:
+                # Chunk i always holds the same puzzles; duplicates (vanishingly rare) cost an extra round.
+                missing = num_puzzles - len(puzzles)
+                counts = [min(CHUNK_SIZE, missing - k) for k in range(0, missing, CHUNK_SIZE)]
+                jobs = [(seed, next_chunk + i, n, min_blanks, max_blanks, min_rating) for i, n in enumerate(counts)]
+                next_chunk += len(jobs)
+                results = pool.imap(_generate_chunk, jobs) if pool else map(_generate_chunk, jobs)
+                for chunk in results:
+                    for puzzle in chunk:
+                        if puzzle[1] not in seen and len(puzzles) < num_puzzles:
+                            seen.add(puzzle[1])
+                            puzzles.append(puzzle)
+                    bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.terminate()
+    return puzzles
+
+
+def write_csv(path: str, puzzles: List[Tuple[str, str, int]]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["source", "question", "answer", "rating"])
+        writer.writerows(("generated", q, a, r) for q, a, r in puzzles)
+
+
+def main(args: argparse.Namespace) -> None:
+    max_blanks = args.min_blanks if args.max_blanks is None else args.max_blanks
+    if not 0 <= args.min_blanks <= max_blanks <= MAX_BLANKS:
+        raise DatasetBuildError(f"need 0 <= --min-blanks <= --max-blanks <= {MAX_BLANKS}, "
+                                f"got {args.min_blanks} and {max_blanks}")
+    if args.num_train < 0 or args.num_test < 0 or args.workers < 1:
+        raise DatasetBuildError("--num-train and --num-test must be >= 0 and --workers >= 1")
+    with atomic_output_dir(args.output_dir) as tmp:
+        puzzles = generate(args.num_train + args.num_test, args.min_blanks, max_blanks, args.min_rating,
+                           args.seed, args.workers)
+        # Solution grids are pairwise distinct, so train and test share no puzzle and no solution.
+        write_csv(os.path.join(tmp, "train.csv"), puzzles[: args.num_train])
+        write_csv(os.path.join(tmp, "test.csv"), puzzles[args.num_train :])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="new folder for train.csv and test.csv")
+    parser.add_argument("--num-train", type=int, required=True)
+    parser.add_argument("--num-test", type=int, required=True)
+    parser.add_argument("--min-blanks", type=int, required=True, help="fewest blank cells per puzzle")
+    parser.add_argument("--max-blanks", type=int, default=None,
+                        help="most blank cells (default: --min-blanks); each puzzle draws its count uniformly; "
+                             "above about 58 generation gets slow, as few grids have puzzles that sparse")
+    parser.add_argument("--min-rating", type=int, default=0,
+                        help="keep only puzzles whose solver search hits at least this many dead ends")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="processes (default: all cores); does not change the output")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(main, parse_args())
