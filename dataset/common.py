@@ -2,6 +2,7 @@
 dihedral transforms with their inverses, and atomic writing of a dataset folder."""
 
 import contextlib
+import csv
 import json
 import os
 import shutil
@@ -126,3 +127,45 @@ def inverse_aug(name: str) -> Tuple[str, Callable[[np.ndarray], np.ndarray]]:
         return inverse_colors[inverse_dihedral_transform(grid, trans_id)]
 
     return fields[0], invert
+
+
+def source_csv_path(source_repo: str, source_dir: Optional[str], filename: str, offline_hint: str) -> str:
+    """Local path of `filename` of a hub dataset: `<source_dir>/<filename>` when `source_dir` is given, else the
+    file that huggingface_hub downloads from (or finds cached for) the dataset repo `source_repo`."""
+    if source_dir is not None:
+        path = os.path.join(source_dir, filename)
+        if not os.path.isfile(path):
+            raise DatasetBuildError(f"{path} not found (--source-dir must hold train.csv and test.csv)")
+        return path
+    # Imported here so that the loader and evaluators, which also use this module, do not pay for it.
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return huggingface_hub.hf_hub_download(source_repo, filename, repo_type="dataset")
+    except LocalEntryNotFoundError:
+        raise DatasetBuildError(
+            f"cannot reach the Hugging Face hub for {source_repo}/{filename} and it is not cached; {offline_hint}"
+        ) from None
+    except (EntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetBuildError(f"cannot download {filename} of hub dataset {source_repo}: {first_line}") from None
+
+
+def read_source_csv(path: str) -> Iterator[Tuple[int, str, str, str]]:
+    """Rows of a CSV in the hub's Sudoku/Maze layout (header `source,question,answer,rating`, skipped) as
+    (line number, question, answer, rating)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) is None:
+                raise DatasetBuildError(f"{path} is empty (expected the header source,question,answer,rating)")
+            for row in reader:
+                if len(row) != 4:
+                    raise DatasetBuildError(
+                        f"{path} line {reader.line_num}: expected 4 columns (source,question,answer,rating), "
+                        f"got {len(row)}"
+                    )
+                yield reader.line_num, row[1], row[2], row[3]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DatasetBuildError(f"{path}: not a readable CSV file ({e})") from None
