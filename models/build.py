@@ -1,0 +1,27 @@
+"""Build the loss head + TRM from an `arch` config and the dataset's metadata: the one constructor that
+training, evaluation and tests share."""
+
+import torch
+
+from dataset.common import PuzzleDatasetMetadata
+from utils.config import ArchConfig
+from utils.functions import load_model_class
+
+
+def model_config_dict(arch: ArchConfig, metadata: PuzzleDatasetMetadata, batch_size: int, device: torch.device) -> dict:
+    """The model's config: the arch fields plus what the dataset fixes (REFERENCE.md section 4.1)."""
+    cfg = dict(arch.model_extra or {})
+    cfg.update(batch_size=batch_size, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
+               num_puzzle_identifiers=metadata.num_puzzle_identifiers, causal=False)
+    # bfloat16 on the CPU is slow and its matmuls are emulated on many machines: train there in float32.
+    if device.type == "cpu" and cfg.get("forward_dtype", "bfloat16") == "bfloat16":
+        cfg["forward_dtype"] = "float32"
+    return cfg
+
+
+def build_model(arch: ArchConfig, metadata: PuzzleDatasetMetadata, batch_size: int, device: torch.device) -> torch.nn.Module:
+    model_cls = load_model_class(arch.name)
+    loss_cls = load_model_class(arch.loss.name)
+    with torch.device(device):
+        model = model_cls(model_config_dict(arch, metadata, batch_size, device))
+        return loss_cls(model, **(arch.loss.model_extra or {}))

@@ -1,0 +1,278 @@
+"""Train a TRM (REFERENCE.md section 8): Hydra config in, checkpoints and W&B metrics out.
+
+    python pretrain.py arch=trm data_paths="[data/sudoku-extreme-1k-aug-1000]" epochs=50000 ...
+    torchrun --nproc-per-node 8 pretrain.py ...          # NCCL on GPUs, gloo on CPUs
+
+Read top to bottom: set-up (device, config, data, model, optimizers), then the loop of train steps, evaluations
+and checkpoints. Each piece lives in the module that owns it."""
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import coolname
+import hydra
+import torch
+import tqdm
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from models.build import build_model
+from models.ema import EMAHelper
+from models.optimizers import AdamATan2
+from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
+from puzzle_dataset import PuzzleDatasetConfig, create_dataloader
+from utils import distributed
+from utils.checkpoint import CheckpointError, load_model_state, read_state_dict, save_model_state, unwrap
+from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_data_paths, parse_config)
+from utils.evaluation import evaluate
+from utils.functions import get_model_source_path, load_model_class
+from utils.hub import resolve_checkpoint
+from utils.schedule import cosine_schedule_with_warmup_lr
+from utils import wandb_logging
+
+
+@dataclass
+class TrainState:
+    model: torch.nn.Module  # loss head around the ACT model, compiled on CUDA
+    optimizers: List[torch.optim.Optimizer]
+    base_lrs: List[float]
+    carries: List[Any]  # one ACT carry per micro-batch slot (None until the first step)
+    step: int
+    total_steps: int
+    micro_batch_size: int
+    compiled: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up
+
+def fill_run_names(config: PretrainConfig) -> PretrainConfig:
+    """Rank 0 names the run as the reference does; the names are then broadcast to every rank."""
+    if config.project_name is None:
+        config.project_name = f"{os.path.basename(config.data_paths[0].rstrip('/')).capitalize()}-ACT-torch"
+    if config.run_name is None:
+        config.run_name = f"{config.arch.name.split('@')[-1]} {coolname.generate_slug(2)}"
+    if config.checkpoint_path is None:
+        config.checkpoint_path = os.path.join("checkpoints", config.project_name, config.run_name)
+    return config
+
+
+def create_loader(config: PretrainConfig, split: str, paths: List[str], dist_info: distributed.DistInfo,
+                  epochs_per_iter: int):
+    return create_dataloader(PuzzleDatasetConfig(
+        seed=config.seed, dataset_paths=paths, global_batch_size=config.global_batch_size,
+        test_set_mode=split == "test", epochs_per_iter=epochs_per_iter,
+        rank=dist_info.rank, num_replicas=dist_info.world_size), split=split)
+
+
+def create_evaluators(config: PretrainConfig, eval_metadata) -> list:
+    evaluators = []
+    for spec in config.evaluators:
+        cls = load_model_class(spec.name, "evaluators.")
+        for data_path in config.data_paths_test or config.data_paths:
+            evaluators.append(cls(data_path=data_path, eval_metadata=eval_metadata, **(spec.model_extra or {})))
+    return evaluators
+
+
+def create_optimizers(config: PretrainConfig, model: torch.nn.Module, world_size: int):
+    """REFERENCE.md section 7.4: sign-SGD on the sparse puzzle table, AdamATan2 on every weight."""
+    puzzle_emb = unwrap(model).model.puzzle_emb
+    sparse = lambda: CastedSparseEmbeddingSignSGD_Distributed(
+        puzzle_emb.buffers(), world_size=world_size, lr=0, weight_decay=config.puzzle_emb_weight_decay)
+    dense = lambda: AdamATan2(model.parameters(), lr=0, weight_decay=config.weight_decay,
+                              betas=(config.beta1, config.beta2))
+    if config.arch.model_extra.get("puzzle_emb_ndim", 0) == 0:
+        return [dense()], [config.lr]
+    if config.freeze_weights:
+        return [sparse()], [config.puzzle_emb_lr]
+    return [sparse(), dense()], [config.puzzle_emb_lr, config.lr]
+
+
+def create_train_state(config: PretrainConfig, train_metadata, dist_info: distributed.DistInfo) -> TrainState:
+    local_batch = check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
+    micro_batch_size = config.micro_batch_size or local_batch
+    total_steps = int(config.epochs * train_metadata.total_groups * train_metadata.mean_puzzle_examples
+                      / config.global_batch_size)
+
+    model = build_model(config.arch, train_metadata, batch_size=micro_batch_size, device=dist_info.device)
+    if dist_info.is_main:
+        num_params = sum(p.numel() for p in model.parameters())
+        print(f"Model: {config.arch.name}, {num_params:,} parameters (puzzle table excluded), device {dist_info.device}")
+        if config.load_checkpoint:
+            path = resolve_checkpoint(config.load_checkpoint)
+            print(f"Loading checkpoint {path}")
+            load_model_state(model, read_state_dict(path), resize_puzzle_table=True, source=path)
+    distributed.broadcast_module(model)
+
+    compiled = (config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE"))
+    if compiled:
+        model = torch.compile(model)
+    optimizers, base_lrs = create_optimizers(config, model, dist_info.world_size)
+    return TrainState(model=model, optimizers=optimizers, base_lrs=base_lrs,
+                      carries=[None] * (local_batch // micro_batch_size), step=0, total_steps=total_steps,
+                      micro_batch_size=micro_batch_size, compiled=compiled)
+
+
+def save_code_and_config(config: PretrainConfig) -> None:
+    """Beside the checkpoints: the model and loss source files and the composed config (all_config.yaml)."""
+    os.makedirs(config.checkpoint_path, exist_ok=True)
+    for identifier in (config.arch.name, config.arch.loss.name):
+        source = get_model_source_path(identifier)
+        shutil.copy(source, os.path.join(config.checkpoint_path, os.path.basename(source)))
+    with open(os.path.join(config.checkpoint_path, "all_config.yaml"), "w") as f:
+        yaml.dump(config.model_dump(), f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train step
+
+def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_batch_size: int,
+                dist_info: distributed.DistInfo) -> Optional[dict]:
+    """One optimizer step over this rank's rows (in micro-batches), gradients summed over ranks.
+    Returns the normalised metrics on rank 0 (REFERENCE.md section 6), None elsewhere or past total_steps."""
+    state.step += 1
+    if state.step > state.total_steps:  # total_steps is an estimate: surplus batches do nothing
+        return None
+    state.model.train()
+    batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
+
+    metric_sums = None
+    mb = state.micro_batch_size
+    for slot in range(len(state.carries)):
+        micro = {k: v[slot * mb:(slot + 1) * mb] for k, v in batch.items()}
+        if state.carries[slot] is None:
+            state.carries[slot] = unwrap(state.model).initial_carry(micro)  # all rows halted: filled from `micro`
+        state.carries[slot], loss, metrics, _, _ = state.model(return_keys=(), carry=state.carries[slot], batch=micro)
+        (loss / global_batch_size).backward()
+        if len(state.carries) > 1:
+            for opt in state.optimizers:
+                if isinstance(opt, CastedSparseEmbeddingSignSGD_Distributed):
+                    opt.accumulate_local_grads()  # the next micro-batch overwrites the per-batch rows
+        metric_keys = sorted(metrics)
+        values = torch.stack([metrics[k].detach().to(torch.float64) for k in metric_keys])
+        metric_sums = values if metric_sums is None else metric_sums + values
+
+    if dist_info.world_size > 1:
+        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.flatten() for g in grads])  # one collective instead of one per tensor
+            distributed.all_reduce_sum(flat)
+            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(reduced)
+
+    lr = 0.0
+    for opt, base_lr in zip(state.optimizers, state.base_lrs):
+        lr = cosine_schedule_with_warmup_lr(state.step, base_lr=base_lr, num_warmup_steps=round(config.lr_warmup_steps),
+                                            num_training_steps=state.total_steps, min_ratio=config.lr_min_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad()
+
+    distributed.reduce_sum_to_main(metric_sums)
+    if not dist_info.is_main:
+        return None
+    values = dict(zip(metric_keys, metric_sums.cpu().tolist()))
+    count = max(values["count"], 1)
+    out = {f"train/{k}": v / (global_batch_size if k.endswith("loss") else count) for k, v in values.items()}
+    out["train/lr"] = lr  # the last optimizer's, i.e. AdamATan2's when both exist
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+
+def setup(hydra_config: DictConfig):
+    """Everything before the loop. Problems with the config, data or checkpoint raise ConfigError & co."""
+    raw = OmegaConf.to_container(hydra_config, resolve=True)
+    config = parse_config(raw)
+    dist_info = distributed.setup_distributed(config.device)
+    check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
+    check_data_paths(config.data_paths, "data_paths")
+    check_data_paths(config.data_paths_test, "data_paths_test")
+    if config.eval_interval is not None and config.epochs % config.eval_interval:
+        raise ConfigError(f"epochs={config.epochs} must be a multiple of eval_interval={config.eval_interval}")
+
+    config = distributed.broadcast_object(fill_run_names(config) if dist_info.is_main else None)
+    torch.manual_seed(config.seed + dist_info.rank)
+
+    epochs_per_iter = config.eval_interval if config.eval_interval is not None else config.epochs
+    train_loader, train_metadata = create_loader(config, "train", config.data_paths, dist_info, epochs_per_iter)
+    test_paths = config.data_paths_test or config.data_paths
+    eval_loader = eval_metadata = None
+    evaluators = []
+    if all(os.path.isfile(os.path.join(p, "test", "dataset.json")) for p in test_paths):
+        eval_loader, eval_metadata = create_loader(config, "test", test_paths, dist_info, 1)
+        evaluators = create_evaluators(config, eval_metadata)
+    elif dist_info.is_main:
+        print(f"No test split in {test_paths}: training without evaluation (checkpoints are still written)")
+
+    state = create_train_state(config, train_metadata, dist_info)
+    return config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state
+
+
+def run(hydra_config: DictConfig) -> None:
+    try:
+        config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state = setup(hydra_config)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.cleanup()
+        sys.exit(2)
+
+    ema = None
+    if config.ema:
+        ema = EMAHelper(mu=config.ema_rate)
+        ema.register(state.model)
+
+    total_iters = config.epochs // (config.eval_interval or config.epochs)
+    bar = None
+    if dist_info.is_main:
+        bar = tqdm.tqdm(total=state.total_steps, desc="train", unit="step")
+        save_code_and_config(config)
+        wandb_logging.init(config, num_params=sum(p.numel() for p in state.model.parameters()))
+
+    for iter_id in range(total_iters):
+        for _set_name, batch, global_batch_size in train_loader:
+            metrics = train_batch(config, state, batch, global_batch_size, dist_info)
+            if state.step > state.total_steps:
+                break
+            if ema is not None:
+                ema.update(state.model)
+            if dist_info.is_main and metrics is not None:
+                wandb_logging.log(metrics, step=state.step)
+                bar.update()
+                bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
+
+        if iter_id >= (config.min_eval_interval or 0):
+            # The evaluated (and saved) model: the EMA weights when ema=True, else the live weights.
+            eval_model = ema.ema_copy(state.model) if ema is not None else state.model
+            if eval_loader is not None:
+                metrics = evaluate(eval_model, eval_loader, eval_metadata, evaluators, dist_info=dist_info,
+                                   step=state.step, save_dir=config.checkpoint_path,
+                                   save_outputs=config.eval_save_outputs, early_exit=config.eval_early_exit,
+                                   progress=True)
+                if dist_info.is_main and metrics is not None:
+                    bar.write(f"step {state.step} eval: {metrics}")
+                    wandb_logging.log(metrics, step=state.step)
+            if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
+                save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"))
+            del eval_model
+
+    if bar is not None:
+        bar.close()
+        print(f"Checkpoints in {config.checkpoint_path}")
+    wandb_logging.finish()
+    distributed.cleanup()
+
+
+@hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
+def launch(hydra_config: DictConfig) -> None:
+    run(hydra_config)
+
+
+if __name__ == "__main__":
+    launch()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Create ./.venv and install the requirements into it; re-running reuses what is installed.
+# Torch: the CPU build where there is no NVIDIA GPU on Linux (the CUDA build weighs several GB), the default
+# build otherwise (CUDA on Linux with a GPU, the usual wheel on macOS). No CUDA compilation is ever needed:
+# the fused adam-atan2 kernel is optional (see README, Troubleshooting).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "Creating virtual environment .venv"
+    "$PYTHON" -m venv .venv
+fi
+VPY=.venv/bin/python
+
+stamp=".venv/.installed-$("$VPY" -c 'import hashlib,sys; print(hashlib.sha1(open("requirements.txt","rb").read()+sys.argv[1].encode()).hexdigest()[:12])' "${1:-}")"
+if [ -f "$stamp" ]; then
+    exit 0
+fi
+
+"$VPY" -m pip install -q --upgrade pip
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+    if [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+        echo "Installing torch (CPU build)"
+        # The +cpu wheel outranks PyPI's CUDA wheel of the same version when the PyTorch CPU index is reachable.
+        "$VPY" -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+    else
+        echo "Installing torch"
+        "$VPY" -m pip install -q "torch==2.13.0"
+    fi
+fi
+echo "Installing requirements"
+"$VPY" -m pip install -q -r requirements.txt
+if [ "${1:-}" = "test" ]; then
+    "$VPY" -m pip install -q pytest
+fi
+touch "$stamp"

@@ -1,0 +1,128 @@
+"""Model weights on disk, in the reference's format: one `torch.save` of the loss head's state dict, keys
+`[_orig_mod.]model.inner.<name>` (REFERENCE.md section 5). One loader serves training, evaluation and tests:
+it reads with `weights_only=True` (a downloaded checkpoint must not run code), strips wrapper prefixes in
+exactly one place, resizes or refuses a puzzle table of another size, and names any other mismatch."""
+
+import os
+import pickle
+from typing import Dict
+
+import torch
+
+# Prefixes that wrappers add to parameter names: torch.compile, DDP, and a typo seen in the fork's files.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig._mod.")
+PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message is one line naming the problem and the fix."""
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile / DDP wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in WRAPPER_PREFIXES + (".",):
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """Load a raw state dict onto the CPU, refusing anything that is not plain tensors."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a step_<N> file or hf://owner/repo")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is not a plain state dict of tensors and was refused ({first_line})") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the file complete?") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise CheckpointError(f"checkpoint {path} is not a state dict (a dict of name -> tensor); got {type(obj).__name__}")
+    return obj
+
+
+def _mismatch_hint(key: str) -> str:
+    if "lm_head" in key or "embed_tokens" in key:
+        return "the vocabulary differs: the checkpoint was trained on another task"
+    if "mlp_t" in key or "embed_pos" in key:
+        return "the sequence length differs: the checkpoint was trained on another task or puzzle_emb_len"
+    if "puzzle_emb" in key:
+        return "the number of puzzle identifiers differs: rebuild the dataset with the recipe (subsets, --num-aug, --seed) the checkpoint was trained on"
+    return "the architecture differs: set arch.hidden_size / expansion / L_layers / mlp_t / pos_encodings to the checkpoint's"
+
+
+def load_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor], *, resize_puzzle_table: bool,
+                     source: str = "checkpoint") -> None:
+    """Copy `state_dict` into `model` (the loss head; wrappers are looked through).
+
+    resize_puzzle_table: True applies the reference's training rule (a table of another size is replaced by its
+    row-mean, broadcast to this model's size: fine-tuning on a new dataset); False refuses it (evaluation: the
+    ids of this dataset would index rows the checkpoint never trained)."""
+    model = unwrap(model)
+    state_dict = strip_prefixes(state_dict)
+    expected = model.state_dict()
+
+    table = state_dict.get(PUZZLE_TABLE_KEY)
+    if table is not None and PUZZLE_TABLE_KEY in expected and table.shape != expected[PUZZLE_TABLE_KEY].shape:
+        want = expected[PUZZLE_TABLE_KEY].shape
+        if not resize_puzzle_table or table.shape[1:] != want[1:]:
+            raise CheckpointError(
+                f"{source} has a puzzle-embedding table of shape {list(table.shape)} but the dataset needs {list(want)}: "
+                f"{_mismatch_hint(PUZZLE_TABLE_KEY)}")
+        print(f"Resizing puzzle embedding table from {list(table.shape)} to {list(want)} (row mean)")
+        state_dict[PUZZLE_TABLE_KEY] = table.mean(dim=0, keepdim=True).expand(want).contiguous()
+
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        what = "lacks" if missing else "has an unexpected"
+        raise CheckpointError(
+            f"{source} {what} key {key} ({len(missing)} missing, {len(unexpected)} unexpected): {_mismatch_hint(key)}")
+    for key, value in expected.items():
+        if state_dict[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source} has {key} of shape {list(state_dict[key].shape)} but this model expects {list(value.shape)}: "
+                f"{_mismatch_hint(key)}")
+    model.load_state_dict(state_dict, strict=True)  # copies into the model's tensors (its device and dtypes)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary name, fsync, then rename: a crash never leaves a truncated file under `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_model_state(model: torch.nn.Module, path: str) -> None:
+    """The reference's weights file: the state dict as the (possibly compiled) module names it, on the CPU."""
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
