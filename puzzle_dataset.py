@@ -1,6 +1,5 @@
-"""The training and evaluation data loader (REFERENCE.md section 3): reads dataset folders written by the builders
-and yields padded, rank-sliced batches of puzzle examples; train batches are reproducible from the seed and can
-resume mid-pass."""
+"""The data loader (REFERENCE.md section 3): padded, rank-sliced batches of puzzle examples from builder-written
+dataset folders; train batches depend only on the seed and the pass number, so a run can resume mid-pass."""
 
 import json
 import os
@@ -29,6 +28,8 @@ Batch = Dict[str, torch.Tensor]
 
 
 class PuzzleDatasetConfig(pydantic.BaseModel):
+    """The reference's loader config, field for field."""
+
     model_config = pydantic.ConfigDict(extra="forbid")
 
     seed: int
@@ -168,6 +169,8 @@ class PuzzleDataset(IterableDataset):
         if config.global_batch_size <= 0 or config.epochs_per_iter <= 0:
             raise ValueError(f"global_batch_size ({config.global_batch_size}) and epochs_per_iter "
                              f"({config.epochs_per_iter}) must be positive")
+        if config.seed < 0:
+            raise ValueError(f"seed must be non-negative (it seeds NumPy's Philox), got {config.seed}")
         if config.num_replicas <= 0 or not 0 <= config.rank < config.num_replicas:
             raise ValueError(f"rank {config.rank} is not in 0..num_replicas-1 (num_replicas {config.num_replicas})")
         if config.global_batch_size % config.num_replicas:
@@ -195,8 +198,10 @@ class PuzzleDataset(IterableDataset):
         `batches_done` batches of pass `passes_done + 1`: it skips those batches (sampling indices only, reading no
         data) and, like an uninterrupted iteration, ends after the pass of the last set.
 
-        A trainer that has consumed the j-th batch of set `s` in its r-th iteration over the loader (0-based r) is
-        at `passes_done = r * len(metadata.sets) + metadata.sets.index(s)`, `batches_done = j`.
+        A trainer that has just consumed a batch of set `s` in iteration r over the loader (0-based, counted from
+        the start of the run: a run resumed at P passes starts in iteration P // len(metadata.sets)) is at
+        `passes_done = r * len(metadata.sets) + metadata.sets.index(s)` and `batches_done` = the batches of that
+        pass consumed so far, including those before a resume.
         With loader workers (persistent, as `create_dataloader` makes them) the dataset is copied into the worker
         when the DataLoader's first iterator is created, so call this before that."""
         if self.config.test_set_mode:
