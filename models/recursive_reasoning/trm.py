@@ -1,0 +1,298 @@
+"""TRM: a tiny network applied recursively, wrapped in adaptive computation time (ACT).
+
+One shared stack of blocks (`L_level`) refines a latent z_L from (z_H + input) L_cycles times, then refines the
+answer state z_H from z_L; that H cycle repeats H_cycles times per ACT step (only the last one with gradients).
+The ACT wrapper carries (z_H, z_L) across steps and a Q-head decides when a row halts. Attention vs MLP-T
+token mixing and rope / learned / no positions are switches of the config.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, field_validator, model_validator
+from torch import nn
+
+from models.common import trunc_normal_init_
+from models.layers import Attention, CastedEmbedding, CastedLinear, CosSin, RotaryEmbedding, SwiGLU, rms_norm
+from models.sparse_embedding import CastedSparseEmbedding
+
+Batch = Dict[str, torch.Tensor]  # inputs [B, L], labels [B, L], puzzle_identifiers [B]
+
+
+class TRMConfig(BaseModel):
+    # Unknown keys (e.g. the `causal` that pretrain injects) are ignored, as the reference does.
+    batch_size: int  # per-rank batch; sizes the sparse puzzle-embedding buffer
+    seq_len: int
+    puzzle_emb_ndim: int = 0
+    num_puzzle_identifiers: int
+    vocab_size: int
+
+    H_cycles: int
+    L_cycles: int
+    H_layers: int  # unused: TRM has a single network; kept so the published configs validate
+    L_layers: int
+
+    hidden_size: int
+    expansion: float
+    num_heads: int
+    pos_encodings: str  # "rope", "learned", anything else = none
+
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    halt_max_steps: int
+    halt_exploration_prob: float
+
+    forward_dtype: str = "bfloat16"
+    mlp_t: bool = False  # mix tokens with a SwiGLU over the sequence axis instead of attention
+    puzzle_emb_len: int = 16  # positions reserved for the puzzle embedding; 0 -> ceil(ndim / hidden)
+    no_ACT_continue: bool = True  # halt on q_halt > 0 alone (no q_continue target)
+
+    @field_validator("forward_dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        if not isinstance(getattr(torch, v, None), torch.dtype):
+            raise ValueError(f"forward_dtype must name a torch dtype (e.g. bfloat16, float32), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent_prefix(self):
+        # The reference crashes on the first forward in this case (z has L+P positions, the input only L).
+        if self.puzzle_emb_ndim == 0 and self.puzzle_emb_len > 0:
+            raise ValueError("puzzle_emb_ndim = 0 needs puzzle_emb_len = 0 (there is no puzzle embedding to prepend)")
+        return self
+
+    @property
+    def prefix_len(self) -> int:
+        """P: sequence positions taken by the puzzle embedding in front of the tokens."""
+        if self.puzzle_emb_len == 0:
+            return -(self.puzzle_emb_ndim // -self.hidden_size)  # ceil division
+        return self.puzzle_emb_len
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.forward_dtype)
+
+
+@dataclass
+class InnerCarry:
+    z_H: torch.Tensor  # [B, L+P, D] answer state
+    z_L: torch.Tensor  # [B, L+P, D] latent reasoning state
+
+
+@dataclass
+class TRMCarry:
+    inner_carry: InnerCarry
+    steps: torch.Tensor  # [B] int32, ACT steps taken by the current puzzle of each row
+    halted: torch.Tensor  # [B] bool; a halted row takes a new puzzle at the next call
+    current_data: Batch  # the puzzle each row is working on (rows of older batches until they halt)
+
+
+class TRMBlock(nn.Module):
+    """Post-norm block: token mixing (attention or MLP over positions), then a channel SwiGLU."""
+
+    def __init__(self, config: TRMConfig):
+        super().__init__()
+        self.use_mlp_t = config.mlp_t
+        self.norm_eps = config.rms_norm_eps
+        # Submodule names `self_attn` / `mlp_t` / `mlp` are fixed by the checkpoint keys.
+        if config.mlp_t:
+            # Mixes the L+P positions of each channel, so its weights are tied to the sequence length.
+            self.mlp_t = SwiGLU(config.seq_len + config.prefix_len, config.expansion)
+        else:
+            self.self_attn = Attention(config.hidden_size, head_dim=config.hidden_size // config.num_heads,
+                                       num_heads=config.num_heads, num_key_value_heads=config.num_heads, causal=False)
+        self.mlp = SwiGLU(config.hidden_size, config.expansion)
+
+    def forward(self, h: torch.Tensor, cos_sin: Optional[CosSin]) -> torch.Tensor:  # h: [B, L+P, D]
+        if self.use_mlp_t:
+            h = h.transpose(1, 2)  # [B, D, L+P]
+            h = rms_norm(h + self.mlp_t(h), self.norm_eps)  # normalised over positions, as the reference does
+            h = h.transpose(1, 2)  # [B, L+P, D]
+        else:
+            h = rms_norm(h + self.self_attn(h, cos_sin), self.norm_eps)
+        return rms_norm(h + self.mlp(h), self.norm_eps)
+
+
+class ReasoningModule(nn.Module):
+    """The shared network: add the injection, then run every block."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)  # `layers`: checkpoint key name
+
+    def forward(self, h: torch.Tensor, injection: torch.Tensor, cos_sin: Optional[CosSin]) -> torch.Tensor:
+        h = h + injection
+        for layer in self.layers:
+            h = layer(h, cos_sin)
+        return h
+
+
+class TRMInner(nn.Module):
+    """One ACT step: embed the puzzle, recurse H_cycles times, read out logits and Q-values.
+
+    Variants with another recursion (single z, several z_L) override `empty_carry`, `reset_carry`, `h_cycle`
+    and `answer_state`; embedding, heads and the ACT wrapper stay shared.
+    """
+
+    def __init__(self, config: TRMConfig):
+        super().__init__()
+        self.config = config
+        D, P = config.hidden_size, config.prefix_len
+        self.puzzle_emb_len = P
+        self.embed_scale = math.sqrt(D)
+        embed_init_std = 1.0 / self.embed_scale
+
+        # Construction order = RNG draw order of the reference (same init for the same seed); the attribute
+        # names are the checkpoint keys.
+        self.embed_tokens = CastedEmbedding(config.vocab_size, D, init_std=embed_init_std, cast_to=config.dtype)
+        self.lm_head = CastedLinear(D, config.vocab_size, bias=False)
+        self.q_head = CastedLinear(D, 2, bias=True)  # (q_halt, q_continue), read at position 0
+        if config.puzzle_emb_ndim > 0:
+            # Zero init: an unseen puzzle starts from "no information" (no RNG draw).
+            self.puzzle_emb = CastedSparseEmbedding(config.num_puzzle_identifiers, config.puzzle_emb_ndim,
+                                                    batch_size=config.batch_size, init_std=0, cast_to=config.dtype)
+        if config.pos_encodings == "rope":
+            self.rotary_emb = RotaryEmbedding(D // config.num_heads, max_position_embeddings=config.seq_len + P,
+                                              base=config.rope_theta)
+        elif config.pos_encodings == "learned":
+            self.embed_pos = CastedEmbedding(config.seq_len + P, D, init_std=embed_init_std, cast_to=config.dtype)
+
+        self.L_level = ReasoningModule([TRMBlock(config) for _ in range(config.L_layers)])
+
+        # Start states of every new puzzle: fixed random vectors, saved but never trained.
+        self.register_buffer("H_init", trunc_normal_init_(torch.empty(D, dtype=config.dtype), std=1))
+        self.register_buffer("L_init", trunc_normal_init_(torch.empty(D, dtype=config.dtype), std=1))
+
+        # Q-head starts near "never halt" (sigmoid(-5) ≈ 0.007) so halting is learned from a neutral start.
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5)
+
+    # --- carry -------------------------------------------------------------------------------------------
+    def empty_carry(self, batch_size: int, device=None) -> InnerCarry:
+        # Contents unused: every row of a fresh carry is halted, so it is reset before the first step.
+        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
+        return InnerCarry(z_H=torch.zeros(shape, dtype=self.config.dtype, device=device),
+                          z_L=torch.zeros(shape, dtype=self.config.dtype, device=device))
+
+    def reset_carry(self, reset: torch.Tensor, carry: InnerCarry) -> InnerCarry:
+        reset = reset.view(-1, 1, 1)  # [B, 1, 1]
+        return InnerCarry(z_H=torch.where(reset, self.H_init, carry.z_H), z_L=torch.where(reset, self.L_init, carry.z_L))
+
+    # --- forward -----------------------------------------------------------------------------------------
+    def input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        D = self.config.hidden_size
+        x = self.embed_tokens(inputs.to(torch.int32))  # [B, L, D]
+
+        if self.config.puzzle_emb_ndim > 0:
+            p = self.puzzle_emb(puzzle_identifiers)  # [B, ndim]
+            pad = self.puzzle_emb_len * D - p.shape[-1]
+            if pad > 0:
+                p = F.pad(p, (0, pad))  # [B, P*D]: the embedding fills the first positions, zeros after
+            x = torch.cat((p.view(-1, self.puzzle_emb_len, D), x), dim=-2)  # [B, L+P, D]
+
+        if self.config.pos_encodings == "learned":
+            x = 0.707106781 * (x + self.embed_pos.embedding_weight.to(self.config.dtype))  # 1/sqrt(2) keeps the variance
+
+        return self.embed_scale * x
+
+    def h_cycle(self, carry: InnerCarry, x: torch.Tensor, cos_sin: Optional[CosSin]) -> InnerCarry:
+        """L_cycles updates of the latent from (answer + input), then one update of the answer from the latent."""
+        z_H, z_L = carry.z_H, carry.z_L
+        for _ in range(self.config.L_cycles):
+            z_L = self.L_level(z_L, z_H + x, cos_sin)
+        z_H = self.L_level(z_H, z_L, cos_sin)
+        return InnerCarry(z_H=z_H, z_L=z_L)
+
+    def answer_state(self, carry: InnerCarry) -> torch.Tensor:
+        return carry.z_H
+
+    def forward(self, carry: InnerCarry, batch: Batch) -> Tuple[InnerCarry, torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        cos_sin = self.rotary_emb() if self.config.pos_encodings == "rope" else None
+        x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])  # [B, L+P, D]
+
+        # Deep supervision without backprop through time: the first H_cycles-1 cycles only move the state
+        # closer to a fixed point; the gradient flows through the last cycle alone.
+        with torch.no_grad():
+            for _ in range(self.config.H_cycles - 1):
+                carry = self.h_cycle(carry, x, cos_sin)
+        carry = self.h_cycle(carry, x, cos_sin)
+
+        z = self.answer_state(carry)  # [B, L+P, D]
+        logits = self.lm_head(z)[:, self.puzzle_emb_len:]  # [B, L, V]
+        q_logits = self.q_head(z[:, 0]).to(torch.float32)  # [B, 2], from the first puzzle-embedding position
+        new_carry = type(carry)(**{k: v.detach() for k, v in vars(carry).items()})  # next ACT step gets no grad
+        return new_carry, logits, (q_logits[..., 0], q_logits[..., 1])
+
+
+class TinyRecursiveReasoningModel_ACTV1(nn.Module):
+    """ACT wrapper. Class name kept: the configs name it `recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1`."""
+
+    inner_class = TRMInner
+
+    def __init__(self, config_dict: dict):
+        super().__init__()
+        self.config = TRMConfig(**config_dict)
+        self.inner = self.inner_class(self.config)  # `inner`: checkpoint key prefix
+
+    @property
+    def puzzle_emb(self) -> CastedSparseEmbedding:
+        return self.inner.puzzle_emb
+
+    def initial_carry(self, batch: Batch) -> TRMCarry:
+        batch_size, device = batch["inputs"].shape[0], batch["inputs"].device
+        return TRMCarry(
+            inner_carry=self.inner.empty_carry(batch_size, device=device),
+            steps=torch.zeros(batch_size, dtype=torch.int32, device=device),
+            halted=torch.ones(batch_size, dtype=torch.bool, device=device),  # all halted: the first call loads the batch
+            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
+        )
+
+    def forward(self, carry: TRMCarry, batch: Batch, generator: Optional[torch.Generator] = None) -> Tuple[TRMCarry, Dict[str, torch.Tensor]]:
+        """One ACT step for every row. `generator` (on the carry's device) drives the exploration draws in
+        training; None uses the device's default generator, as the reference does."""
+        cfg = self.config
+        # Halted rows start a new puzzle: fresh state, zero steps, their row of `batch`. Other rows keep
+        # their state and their old puzzle (their row of `batch` is not used this step).
+        halted = carry.halted
+        inner_carry = self.inner.reset_carry(halted, carry.inner_carry)
+        steps = torch.where(halted, 0, carry.steps)
+        current_data = {k: torch.where(halted.view(-1, *([1] * (v.ndim - 1))), batch[k], v)
+                        for k, v in carry.current_data.items()}
+
+        inner_carry, logits, (q_halt_logits, q_continue_logits) = self.inner(inner_carry, current_data)
+        outputs = {"logits": logits, "q_halt_logits": q_halt_logits, "q_continue_logits": q_continue_logits}
+
+        with torch.no_grad():
+            steps = steps + 1
+            is_last_step = steps >= cfg.halt_max_steps
+            halted = is_last_step
+
+            # Evaluation always runs halt_max_steps steps, so all rows of a batch halt together.
+            if self.training and cfg.halt_max_steps > 1:
+                if cfg.no_ACT_continue:
+                    halted = halted | (q_halt_logits > 0)
+                else:
+                    halted = halted | (q_halt_logits > q_continue_logits)
+
+                # Exploration: with probability p a row must run at least m ~ U{2..halt_max_steps} steps.
+                # Both draws happen for every row at every training step (same RNG stream as the reference).
+                explore = torch.rand(q_halt_logits.shape, dtype=q_halt_logits.dtype, device=q_halt_logits.device,
+                                     generator=generator) < cfg.halt_exploration_prob
+                min_halt_steps = explore * torch.randint(2, cfg.halt_max_steps + 1, steps.shape, dtype=steps.dtype,
+                                                         device=steps.device, generator=generator)
+                halted = halted & (steps >= min_halt_steps)
+
+                if not cfg.no_ACT_continue:
+                    # Q-learning target for q_continue from one more step on the new state (no replay buffer or
+                    # target network: the large batch plays many parallel environments, as in PQN).
+                    # The reference unpacks this call into 5 values and crashes (REFERENCE §11.5); fixed here.
+                    _, _, (next_q_halt, next_q_continue) = self.inner(inner_carry, current_data)
+                    outputs["target_q_continue"] = torch.sigmoid(
+                        torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
+
+        return TRMCarry(inner_carry, steps, halted, current_data), outputs

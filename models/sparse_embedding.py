@@ -1,0 +1,98 @@
+"""Per-puzzle embedding table trained sparsely: only the rows of the current batch get gradients and updates.
+
+The table is a persistent buffer (not a parameter), so AdamATan2, EMA and the gradient all-reduce never touch
+it; `CastedSparseEmbeddingSignSGD_Distributed` updates the touched rows with sign-SGD instead.
+"""
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from models.common import trunc_normal_init_
+
+
+class CastedSparseEmbedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, batch_size: int, init_std: float, cast_to: torch.dtype):
+        super().__init__()
+        self.cast_to = cast_to
+        # The table itself: saved in checkpoints as `puzzle_emb.weights`.
+        self.register_buffer("weights", trunc_normal_init_(torch.empty(num_embeddings, embedding_dim), std=init_std))
+        # Per-batch copy of the looked-up rows; its .grad is what the sign-SGD optimizer reads. Not saved.
+        self.register_buffer("local_weights", torch.zeros(batch_size, embedding_dim, requires_grad=True), persistent=False)
+        self.register_buffer("local_ids", torch.zeros(batch_size, dtype=torch.int32), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.weights[ids].to(self.cast_to)  # [B, ndim]
+        # Training: route the rows through the gradient-carrying local buffer.
+        with torch.no_grad():
+            self.local_weights.copy_(self.weights[ids])
+            self.local_ids.copy_(ids)
+        return self.local_weights.to(self.cast_to)  # [B, ndim]
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to()/.cuda() replace buffers by fn(buffer), which for a grad-requiring tensor is a non-leaf
+        # that never receives .grad; make `local_weights` a leaf again after every such move.
+        super()._apply(fn, *args, **kwargs)
+        self.local_weights = self.local_weights.detach().requires_grad_(True)
+        return self
+
+
+class CastedSparseEmbeddingSignSGD_Distributed(Optimizer):
+    """Sign-SGD with decoupled weight decay on the rows of the puzzle table that the (global) batch touched.
+
+    Built from the three buffers of a CastedSparseEmbedding (`puzzle_emb.buffers()`): the grad-carrying local
+    rows, the 1-D local ids and the 2-D table. Stateless. With world_size > 1 (and an initialised process
+    group) the local grads and ids of all ranks are all-gathered first, so every rank applies the same update.
+    """
+
+    def __init__(self, params, world_size: int, lr: float = 1e-3, weight_decay: float = 1e-2):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, world_size=world_size))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            local_grad = local_ids = weights = None
+            if len(group["params"]) != 3:
+                raise ValueError("the sparse embedding group must hold exactly: local weights, local ids, table")
+            for p in group["params"]:
+                if p.requires_grad:
+                    local_grad = p.grad
+                elif p.ndim == 1:
+                    local_ids = p
+                elif p.ndim == 2:
+                    weights = p
+                else:
+                    raise ValueError(f"unexpected tensor of shape {tuple(p.shape)} in the sparse embedding group")
+            if local_ids is None or weights is None:
+                raise ValueError("the sparse embedding group lacks the ids or the table")
+
+            if local_grad is not None:
+                _sparse_emb_signsgd_dist(local_grad, local_ids, weights, lr=group["lr"], weight_decay=group["weight_decay"],
+                                         world_size=group["world_size"])
+
+
+def _sparse_emb_signsgd_dist(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,
+                             lr: float, weight_decay: float, world_size: int) -> None:
+    N, D = local_grad.shape
+    all_grad, all_ids = local_grad, local_ids  # [N, D], [N]
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        all_grad = torch.empty(world_size * N, D, dtype=local_grad.dtype, device=local_grad.device)
+        all_ids = torch.empty(world_size * N, dtype=local_ids.dtype, device=local_ids.device)
+        dist.all_gather_into_tensor(all_grad, local_grad)
+        dist.all_gather_into_tensor(all_ids, local_ids)
+
+    # Sum the gradients of rows that share an id (a puzzle can appear several times in a batch).
+    grad_ids, inv = all_ids.unique(return_inverse=True)
+    grad = torch.zeros(grad_ids.shape[0], D, dtype=all_grad.dtype, device=all_grad.device)
+    grad.scatter_add_(0, inv.unsqueeze(-1).expand(-1, D), all_grad)
+
+    # Update only the touched rows: w <- w·(1 - lr·wd) - lr·sign(g).
+    p = weights[grad_ids]
+    p.mul_(1.0 - lr * weight_decay).add_(torch.sign(grad), alpha=-lr)
+    weights[grad_ids] = p
