@@ -36,7 +36,7 @@ PEERS = [sorted({p for u in UNITS if i in u for p in u} - {i}) for i in range(81
 
 # 17 givens is the proven minimum for a uniquely solvable Sudoku, so at most 64 blanks.
 MAX_BLANKS = 64
-CHUNK_SIZE = 50  # puzzles per work item; fixed so that the output does not depend on the worker count
+CHUNK_SIZE = 20  # puzzles per work item; fixed so that the output does not depend on the worker count
 
 
 def _propagate(cand: List[int], queue: List[int]) -> bool:
