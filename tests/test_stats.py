@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from utils.stats import format_wilson_ci, wilson_interval, z_for_confidence
+from utils.stats import format_wilson_lines, wilson_interval, z_for_confidence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,9 +41,14 @@ def test_z_rejects_levels_outside_0_1(confidence):
 
 def test_runner_lines():
     # p 0.5, n 100: [40.38%, 59.62%], mid 50.00, half 9.62
-    assert format_wilson_ci("all.exact_accuracy", 0.5, 100) == (
-        "  all.exact_accuracy 95% Wilson CI [40.38%, 59.62%] (N=100)\n    -> approx: 50.00 ± 9.62 %"
-    )
+    assert format_wilson_lines("all.exact_accuracy", *wilson_interval(0.5, 100), 100) == [
+        "  all.exact_accuracy 95% Wilson CI [40.38%, 59.62%] (N=100)",
+        "    -> approx: 50.00 ± 9.62 %",
+    ]
+    assert format_wilson_lines("ARC/example_pass@2", 0.1, 0.3, 7, confidence=0.9) == [
+        "  ARC/example_pass@2 90% Wilson CI [10.00%, 30.00%] (N=7)",
+        "    -> approx: 20.00 ± 10.00 %",
+    ]
 
 
 def run_cli(*args):

@@ -3,7 +3,7 @@ confidence level, and the two lines the eval-only runner prints per metric."""
 
 import math
 from statistics import NormalDist
-from typing import Tuple
+from typing import List, Tuple
 
 
 def z_for_confidence(confidence: float) -> float:
@@ -28,14 +28,13 @@ def wilson_interval(p_hat: float, n: int, z: float = 1.959964) -> Tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def format_wilson_ci(name: str, p_hat: float, n: int, confidence: float = 0.95) -> str:
-    """The eval-only runner's two lines for one metric, in percent with 2 decimals:
+def format_wilson_lines(name: str, lo: float, hi: float, n: int, confidence: float = 0.95) -> List[str]:
+    """The eval-only runner's two lines for one metric's interval (lo, hi), in percent with 2 decimals:
 
       <name> 95% Wilson CI [lo%, hi%] (N=n)
         -> approx: mid ± half %"""
-    lo, hi = wilson_interval(p_hat, n, z_for_confidence(confidence))
     mid, half = (lo + hi) / 2, (hi - lo) / 2
-    return (
-        f"  {name} {100 * confidence:g}% Wilson CI [{100 * lo:.2f}%, {100 * hi:.2f}%] (N={n})\n"
-        f"    -> approx: {100 * mid:.2f} ± {100 * half:.2f} %"
-    )
+    return [
+        f"  {name} {100 * confidence:g}% Wilson CI [{100 * lo:.2f}%, {100 * hi:.2f}%] (N={n})",
+        f"    -> approx: {100 * mid:.2f} ± {100 * half:.2f} %",
+    ]
