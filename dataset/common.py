@@ -4,6 +4,7 @@ dihedral transforms with their inverses, and atomic writing of a dataset folder.
 import contextlib
 import csv
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pydantic
+from tqdm import tqdm
 
 
 class PuzzleDatasetMetadata(pydantic.BaseModel):
@@ -169,3 +171,38 @@ def read_source_csv(path: str) -> Iterator[Tuple[int, str, str, str]]:
                 yield reader.line_num, row[1], row[2], row[3]
     except (UnicodeDecodeError, csv.Error) as e:
         raise DatasetBuildError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _run_chunk(job):
+    make_chunk, seed, index, count = job
+    return make_chunk(np.random.default_rng([seed, index]), count)  # own stream per chunk: scheduling-independent
+
+
+def generate_in_chunks(make_chunk: Callable[[np.random.Generator, int], list], count: int, seed: int, workers: int,
+                       key: Callable = lambda item: item, desc: str = "generating", chunk_size: int = 20,
+                       progress: bool = True) -> list:
+    """`count` items with pairwise distinct `key(item)`, made by `make_chunk(rng, n)` (n items; picklable, e.g. a
+    module-level function or a functools.partial of one) in `workers` processes, with a progress bar on stderr.
+
+    Chunk i always gets n = min(chunk_size, what is missing) and a generator seeded with [seed, i], so the result
+    depends on the seed but not on `workers`. Duplicates are dropped and replaced from further chunks."""
+    items, seen = [], set()
+    next_chunk = 0
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    try:
+        with tqdm(total=count, desc=desc, file=sys.stderr, disable=not progress) as bar:
+            while len(items) < count:
+                missing = count - len(items)
+                jobs = [(make_chunk, seed, next_chunk + i, min(chunk_size, missing - k))
+                        for i, k in enumerate(range(0, missing, chunk_size))]
+                next_chunk += len(jobs)
+                for chunk in pool.imap(_run_chunk, jobs) if pool else map(_run_chunk, jobs):
+                    for item in chunk:
+                        if key(item) not in seen and len(items) < count:
+                            seen.add(key(item))
+                            items.append(item)
+                    bar.update(len(chunk))
+    finally:
+        if pool:
+            pool.terminate()
+    return items

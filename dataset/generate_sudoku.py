@@ -11,15 +11,13 @@ and hidden singles alone). Output depends only on the arguments and `--seed`, no
 
 import argparse
 import csv
-import multiprocessing
+import functools
 import os
-import sys
 from typing import List, Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
-from dataset.common import DatasetBuildError, atomic_output_dir, run_cli
+from dataset.common import DatasetBuildError, atomic_output_dir, generate_in_chunks, run_cli
 
 # A candidate set is a 9-bit mask: bit d-1 set <=> digit d possible.
 FULL = 0x1FF
@@ -36,7 +34,6 @@ PEERS = [sorted({p for u in UNITS if i in u for p in u} - {i}) for i in range(81
 
 # 17 givens is the proven minimum for a uniquely solvable Sudoku, so at most 64 blanks.
 MAX_BLANKS = 64
-CHUNK_SIZE = 20  # puzzles per work item; fixed so that the output does not depend on the worker count
 
 
 def _propagate(cand: List[int], queue: List[int]) -> bool:
@@ -190,37 +187,18 @@ def _generate_one(rng: np.random.Generator, min_blanks: int, max_blanks: int, mi
             return question, "".join(map(str, solution)), rating
 
 
-def _generate_chunk(args) -> List[Tuple[str, str, int]]:
-    seed, chunk_index, count, min_blanks, max_blanks, min_rating = args
-    rng = np.random.default_rng([seed, chunk_index])  # own stream per chunk: independent of scheduling
+def _generate_chunk(rng: np.random.Generator, count: int, min_blanks: int, max_blanks: int,
+                    min_rating: int) -> List[Tuple[str, str, int]]:
     return [_generate_one(rng, min_blanks, max_blanks, min_rating) for _ in range(count)]
 
 
 def generate(num_puzzles: int, min_blanks: int, max_blanks: int, min_rating: int, seed: int, workers: int,
              progress: bool = True) -> List[Tuple[str, str, int]]:
     """`num_puzzles` puzzles with pairwise distinct solution grids, in a seed-determined order."""
-    puzzles, seen = [], set()
-    next_chunk = 0
-    pool = multiprocessing.Pool(workers) if workers > 1 else None
-    try:
-        with tqdm(total=num_puzzles, desc="sudoku puzzles", file=sys.stderr, disable=not progress) as bar:
-            while len(puzzles) < num_puzzles:
-                # Chunk i always holds the same puzzles; duplicates (vanishingly rare) cost an extra round.
-                missing = num_puzzles - len(puzzles)
-                counts = [min(CHUNK_SIZE, missing - k) for k in range(0, missing, CHUNK_SIZE)]
-                jobs = [(seed, next_chunk + i, n, min_blanks, max_blanks, min_rating) for i, n in enumerate(counts)]
-                next_chunk += len(jobs)
-                results = pool.imap(_generate_chunk, jobs) if pool else map(_generate_chunk, jobs)
-                for chunk in results:
-                    for puzzle in chunk:
-                        if puzzle[1] not in seen and len(puzzles) < num_puzzles:
-                            seen.add(puzzle[1])
-                            puzzles.append(puzzle)
-                    bar.update(len(chunk))
-    finally:
-        if pool:
-            pool.terminate()
-    return puzzles
+    make_chunk = functools.partial(_generate_chunk, min_blanks=min_blanks, max_blanks=max_blanks,
+                                   min_rating=min_rating)
+    return generate_in_chunks(make_chunk, num_puzzles, seed, workers, key=lambda puzzle: puzzle[1],
+                              desc="sudoku puzzles", progress=progress)
 
 
 def write_csv(path: str, puzzles: List[Tuple[str, str, int]]) -> None:
