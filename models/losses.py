@@ -40,7 +40,8 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     labels = labels.to(torch.long)
     if valid_mask is not None:
         labels = torch.where(valid_mask, labels, ignore_index)
-    return F.cross_entropy(logits.to(torch.float32).view(-1, logits.shape[-1]), labels.view(-1),
+    # reshape, not view: the logits are a slice past the puzzle prefix, hence not contiguous.
+    return F.cross_entropy(logits.to(torch.float32).reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=ignore_index, reduction="none").view(labels.shape)
 
 
