@@ -1,6 +1,8 @@
 """dataset/build_maze_dataset.py on 20+20 real 30x30 mazes (tests/fixtures/maze_small): tokens, dihedral
-augmentation groups, metadata, seeded subsampling, and one-line errors for bad input."""
+augmentation groups, metadata, seeded subsampling, and one-line errors for bad input; and the offline maze
+generator dataset/generate_maze.py that feeds it."""
 
+import collections
 import csv
 import json
 import os
@@ -12,7 +14,8 @@ import numpy as np
 import pytest
 
 from dataset import build_maze_dataset as builder
-from dataset.common import dihedral_transform
+from dataset import generate_maze
+from dataset.common import DatasetBuildError, dihedral_transform
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "maze_small")
@@ -180,4 +183,60 @@ def test_unreachable_hub_names_alternative(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     result = run_builder("--output-dir", str(tmp_path / "out"), env=env)
     assert_one_line_failure(result, "sapientinc/maze-30x30-hard-1k", "--source-dir")
+    assert not (tmp_path / "out").exists()
+
+
+def shortest_distance(question, side):
+    """Moves from S to G (independent check of the generator: plain BFS)."""
+    start, goal = question.index("S"), question.index("G")
+    dist = {start: 0}
+    queue = collections.deque([start])
+    while queue:
+        u = queue.popleft()
+        r, c = divmod(u, side)
+        for rr, cc in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+            v = rr * side + cc
+            if 0 <= rr < side and 0 <= cc < side and question[v] != "#" and v not in dist:
+                dist[v] = dist[u] + 1
+                queue.append(v)
+    return dist[goal]
+
+
+def test_generator_path_rule_matches_hub_data():
+    for split in ("train", "test"):
+        for _, question, answer, _ in csv_rows(split):
+            assert generate_maze.solve_maze(question, 30) == answer
+
+
+def test_generated_mazes_build(tmp_path):
+    # 24 mazes = two chunks, so --workers 2 really splits the work.
+    flags = ["--num-train", "16", "--num-test", "8", "--size", "12", "--min-path-length", "20", "--seed", "3"]
+    runs = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"src{workers}"
+        result = subprocess.run([sys.executable, "-m", "dataset.generate_maze", "--output-dir", str(out), *flags,
+                                 "--workers", workers], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        runs[workers] = out
+    for name in ("train.csv", "test.csv"):  # the worker count does not change the output
+        assert (runs["1"] / name).read_bytes() == (runs["2"] / name).read_bytes()
+
+    train, test = csv_rows("train", runs["1"]), csv_rows("test", runs["1"])
+    assert (len(train), len(test)) == (16, 8)
+    assert not {r[1] for r in train} & {r[1] for r in test}
+    for _, question, answer, rating in train + test:
+        assert len(question) == 144 and question.count("S") == question.count("G") == 1
+        assert set(question) <= set("# SG") and all(q == a or (q, a) == (" ", "o") for q, a in zip(question, answer))
+        assert int(rating) == answer.count("o") == shortest_distance(question, 12) - 1 >= 20
+
+    builder.main(builder.parse_args(["--source-dir", str(runs["1"]), "--output-dir", str(tmp_path / "built")]))
+    meta, arr = load(tmp_path / "built", "train")
+    assert (meta["seq_len"], meta["vocab_size"], arr["inputs"].shape) == (144, 6, (16, 144))
+
+
+def test_generator_rejects_impossible_path_length(tmp_path):
+    args = generate_maze.parse_args(["--output-dir", str(tmp_path / "out"), "--num-train", "1", "--num-test", "1",
+                                     "--size", "4", "--min-path-length", "15"])
+    with pytest.raises(DatasetBuildError, match="min-path-length"):
+        generate_maze.main(args)
     assert not (tmp_path / "out").exists()
