@@ -84,8 +84,8 @@ def dihedral_versions(grids: np.ndarray) -> np.ndarray:
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.subsample_size is not None and args.subsample_size < 0:
-        raise DatasetBuildError("--subsample-size must be >= 0")
+    if args.subsample_size is not None and args.subsample_size < 1:
+        raise DatasetBuildError("--subsample-size must be >= 1")
     rng = np.random.default_rng(args.seed)
     with atomic_output_dir(args.output_dir) as tmp:
         splits = {split: read_split(source_csv_path(args.source_repo, args.source_dir, f"{split}.csv", OFFLINE_HINT))

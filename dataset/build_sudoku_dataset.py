@@ -135,8 +135,8 @@ def write_split(root: str, split: str, inputs: np.ndarray, labels: np.ndarray, g
 
 
 def main(args: argparse.Namespace) -> None:
-    if args.num_aug < 0 or (args.subsample_size is not None and args.subsample_size < 0):
-        raise DatasetBuildError("--num-aug and --subsample-size must be >= 0")
+    if args.num_aug < 0 or (args.subsample_size is not None and args.subsample_size < 1):
+        raise DatasetBuildError("--num-aug must be >= 0 and --subsample-size >= 1")
     rng = np.random.default_rng(args.seed)
     with atomic_output_dir(args.output_dir) as tmp:
         # Read and validate both splits before the long augmentation step.

@@ -155,7 +155,7 @@ def assert_one_line_failure(result, *fragments):
     ("question", "." * 80, "80 characters"),
     ("question", "." * 80 + "x", "'x'"),
     ("answer", "1" * 80 + "0", "'0'"),
-])
+], ids=["wrong-length", "bad-char", "blank-in-answer"])
 def test_bad_row(source_dir, tmp_path, column, value, problem):
     src = tmp_path / "src"
     src.mkdir()
