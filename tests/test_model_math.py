@@ -545,6 +545,18 @@ def test_adam_atan2_lr_zero_allowed_and_state_dict_round_trip():
     assert opt2.state[w]["step"].item() == 1
 
 
+def test_adam_atan2_low_precision_params_use_fp32_math():
+    torch.manual_seed(0)
+    p16 = torch.nn.Parameter(torch.randn(64).to(torch.bfloat16))
+    p32 = torch.nn.Parameter(p16.detach().float())
+    g = torch.randn(64).to(torch.bfloat16)
+    p16.grad, p32.grad = g.clone(), g.float()
+    AdamATan2([p16], lr=1e-2).step()
+    AdamATan2([p32], lr=1e-2).step()
+    assert p16.dtype == torch.bfloat16
+    assert torch.equal(p16.detach(), p32.detach().to(torch.bfloat16))
+
+
 @pytest.mark.skipif(not fused_available(), reason="needs CUDA and the adam_atan2 package's CUDA backend")
 def test_adam_atan2_fused_matches_pure():
     import adam_atan2_backend
@@ -564,7 +576,9 @@ def test_adam_atan2_fused_matches_pure():
             else:
                 _adam_atan2_foreach(ps, grads, m, v, s, lr, b1, b2, wd)
     for a, b in zip(p_fused, p_pure):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        # Same arithmetic up to how nvcc fuses inside the kernel's atan2: rare 1-ulp differences.
+        assert (a != b).float().mean().item() < 0.01
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_init_draw_order_matches_reference():
