@@ -375,6 +375,10 @@ def test_config_ignores_unknown_keys_and_rejects_bad_combinations():
     with pytest.raises(ValueError):
         TinyRecursiveReasoningModel_ACTV1(small_config(forward_dtype="float99"))
     with pytest.raises(ValueError):
+        TinyRecursiveReasoningModel_ACTV1(small_config(forward_dtype="int32"))
+    with pytest.raises(ValueError):
+        TinyRecursiveReasoningModel_ACTV1(small_config(puzzle_emb_ndim=100, puzzle_emb_len=3))  # 100 > 3 * 32
+    with pytest.raises(ValueError):
         TinyRecursiveReasoningModel_ACTV1(small_config(puzzle_emb_ndim=0, puzzle_emb_len=2))
     model = TinyRecursiveReasoningModel_ACTV1(small_config(puzzle_emb_ndim=0, puzzle_emb_len=0))
     batch = make_batch()

@@ -54,8 +54,9 @@ class TRMConfig(BaseModel):
     @field_validator("forward_dtype")
     @classmethod
     def _known_dtype(cls, v: str) -> str:
-        if not isinstance(getattr(torch, v, None), torch.dtype):
-            raise ValueError(f"forward_dtype must name a torch dtype (e.g. bfloat16, float32), got {v!r}")
+        dtype = getattr(torch, v, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"forward_dtype must name a torch floating dtype (bfloat16, float32), got {v!r}")
         return v
 
     @model_validator(mode="after")
@@ -63,6 +64,9 @@ class TRMConfig(BaseModel):
         # The reference crashes on the first forward in this case (z has L+P positions, the input only L).
         if self.puzzle_emb_ndim == 0 and self.puzzle_emb_len > 0:
             raise ValueError("puzzle_emb_ndim = 0 needs puzzle_emb_len = 0 (there is no puzzle embedding to prepend)")
+        if self.puzzle_emb_ndim > self.prefix_len * self.hidden_size:
+            raise ValueError(f"puzzle_emb_ndim {self.puzzle_emb_ndim} does not fit in puzzle_emb_len "
+                             f"{self.puzzle_emb_len} positions of {self.hidden_size}")
         return self
 
     @property
