@@ -35,6 +35,11 @@ AUG_RETRIES_FACTOR = 5  # the reference tries at most 5 * num_aug random augment
 SPLITS = ("train", "test")  # identifier and serialisation order (see `build`)
 TRANSPOSING = {1, 3, 6, 7}  # dihedral ids that swap a grid's height and width
 
+
+def _progress(items, desc: str):
+    # A bar on stderr only when it is a terminal, so logs and tests stay quiet.
+    return tqdm(items, desc=desc, leave=False, disable=None)
+
 # ---------------------------------------------------------------------------------------------------------------
 # The reference draws everything from NumPy's legacy global RNG, one C call per number. Reproducing its stream
 # in Python from MT19937's raw 32-bit words is exact and far cheaper: legacy `randint(0, n)`, `permutation` and
@@ -133,7 +138,7 @@ def load_subset(prefix: str, subset: str) -> List[Tuple[str, dict]]:
             tests = puzzle.get("test", []) if isinstance(puzzle, dict) else []
             if not isinstance(solutions, dict) or len(solutions.get(name, [])) != len(tests):
                 raise DatasetBuildError(
-                    f"{solutions_path} must give one output per test input of puzzle {name} ({len(tests)})"
+                    f"{solutions_path} must list one output grid per test input of puzzle {name} ({len(tests)})"
                 )
             for pair, output in zip(tests, solutions[name]):
                 pair["output"] = output
@@ -173,7 +178,8 @@ def convert_puzzle(name: str, puzzle, source: str, routing: Dict[str, str]) -> D
             where = f"puzzle {name} {kind} pair {i} in {source}"
             if not isinstance(pair, dict) or "input" not in pair or "output" not in pair:
                 raise DatasetBuildError(f"{where} needs an \"input\" and an \"output\" grid")
-            examples[routing[kind]].append((_grid(pair["input"], f"{where} input"), _grid(pair["output"], f"{where} output")))
+            inp, out = _grid(pair["input"], f"{where} input"), _grid(pair["output"], f"{where} output")
+            examples[routing[kind]].append((inp, out))
     for split, pairs in examples.items():
         if not pairs:
             raise DatasetBuildError(f"puzzle {name} in {source} has no pairs for the {split} split")
@@ -192,14 +198,16 @@ _TRANSLATE_TAIL = bytes(range(10, 256))
 
 
 def _pair_bytes(inp: np.ndarray, out: np.ndarray) -> bytes:
-    return bytes((100 + inp.shape[0], 100 + inp.shape[1])) + inp.tobytes() + bytes((100 + out.shape[0], 100 + out.shape[1])) + out.tobytes()
+    return b"".join(bytes((100 + g.shape[0], 100 + g.shape[1])) + g.tobytes() for g in (inp, out))
 
 
 def augment(examples: List[Tuple[np.ndarray, np.ndarray]], num_aug: int, rng: LegacyRandom) -> Tuple[np.ndarray, np.ndarray]:
     """Draw up to AUG_RETRIES_FACTOR * num_aug (dihedral id, colour map) trials, keep distinct puzzles, stop at
     1 + num_aug versions. Returns (transforms uint8 [V], colour maps uint8 [V, 10]), version 0 = identity."""
     # Per dihedral id, all pairs transformed and concatenated; a pair's (start, end) is the same for every id.
-    per_transform = [b"".join(_pair_bytes(dihedral_transform(i, t), dihedral_transform(o, t)) for i, o in examples) for t in range(8)]
+    per_transform = [
+        b"".join(_pair_bytes(dihedral_transform(i, t), dihedral_transform(o, t)) for i, o in examples) for t in range(8)
+    ]
     ends = list(itertools.accumulate(4 + i.size + o.size for i, o in examples))
     bounds = list(zip([0] + ends[:-1], ends))
 
@@ -339,7 +347,7 @@ def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, nu
     files = [_open_npy(os.path.join(split_dir, f"all__{f}.npy"), np.uint8, (n_rows, SEQ_LEN)) for f in ("inputs", "labels")]
     with files[0], files[1], ThreadPoolExecutor(max_workers=1) as writer:
         pending = None
-        for puzzle in tqdm(groups, desc=f"writing {split}", unit="group", leave=False):
+        for puzzle in _progress(groups, f"writing {split}"):
             if rng is not None:
                 pad_r, pad_c = _draw_translations(puzzle, rng)
             else:
@@ -377,34 +385,38 @@ def build(args: argparse.Namespace) -> None:
     if args.num_aug < 0 or args.puzzle_identifiers_start < 1:
         raise DatasetBuildError("--num-aug must be >= 0 and --puzzle-identifiers-start >= 1")
     test_sets = {args.test_set_name, args.test_set_name2}
-    rng = LegacyRandom(args.seed)
 
     with atomic_output_dir(args.output_dir) as root:
-        # Steps 1-3 of REFERENCE.md 2.1, one subset after the other: shuffle, route, augment.
+        # Read and check every input before the long work starts (reading draws no random numbers).
+        subsets = {}
+        for subset in args.subsets:
+            source = f"{args.input_file_prefix}_{subset}_challenges.json"
+            routing = {"train": "train", "test": "test" if subset in test_sets else "train"}
+            subsets[subset] = [
+                (name, raw, convert_puzzle(name, raw, source, routing))
+                for name, raw in load_subset(args.input_file_prefix, subset)
+            ]
+
+        # Steps 1-3 of REFERENCE.md 2.1, one subset after the other: shuffle, then augment each puzzle.
+        rng = LegacyRandom(args.seed)
         groups: Dict[str, List[Puzzle]] = {split: [] for split in SPLITS}
         test_puzzles = {}
         not_full = []
-        for subset in args.subsets:
-            entries = load_subset(args.input_file_prefix, subset)
-            source = f"{args.input_file_prefix}_{subset}_challenges.json"
+        for subset, entries in subsets.items():
             rng.shuffle(entries)
-            routing = {"train": "train", "test": "test" if subset in test_sets else "train"}
-            for name, raw in tqdm(entries, desc=f"augmenting {subset}", unit="puzzle", leave=False):
-                examples = convert_puzzle(name, raw, source, routing)
+            for name, raw, examples in _progress(entries, f"augmenting {subset}"):
                 if subset in test_sets:
                     test_puzzles[name] = raw
-                all_pairs = [pair for pairs in examples.values() for pair in pairs]
-                transforms, colour_maps = augment(all_pairs, args.num_aug, rng)
+                transforms, colour_maps = augment([p for pairs in examples.values() for p in pairs], args.num_aug, rng)
                 if len(transforms) < args.num_aug + 1:
                     not_full.append((len(transforms), name))
                 puzzle = Puzzle(name, examples, transforms, colour_maps)
                 for split in examples:
                     groups[split].append(puzzle)
         if not_full:
-            print(
-                f"{len(not_full)} puzzles have fewer than {args.num_aug + 1} distinct versions (few colours or "
-                f"symmetric), down to {min(not_full)[0]} ({min(not_full)[1]})"
-            )
+            fewest, name = min(not_full)
+            print(f"{len(not_full)} puzzles have fewer than {args.num_aug + 1} distinct versions (few colours or "
+                  f"symmetric), down to {fewest} ({name})")
 
         # Identifiers: splits in order, then groups, then versions; a name seen before keeps its id. The reference
         # orders splits by creation, which is train first whenever the first subset is not a test set (otherwise
@@ -422,7 +434,8 @@ def build(args: argparse.Namespace) -> None:
         for split in SPLITS:
             if groups[split]:
                 # The test split is serialised last, so its reference draws (no_aug_id only) influence nothing.
-                write_split(root, split, groups[split], split_ids[split], num_identifiers, rng if split == "train" else None)
+                rng_or_none = rng if split == "train" else None
+                write_split(root, split, groups[split], split_ids[split], num_identifiers, rng_or_none)
 
         names = ["<blank>"] * num_identifiers
         for name, i in identifier_map.items():
