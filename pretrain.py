@@ -80,9 +80,9 @@ def create_evaluators(config: PretrainConfig, eval_metadata) -> list:
 
 def create_optimizers(config: PretrainConfig, model: torch.nn.Module, world_size: int):
     """REFERENCE.md section 7.4: sign-SGD on the sparse puzzle table, AdamATan2 on every weight."""
-    puzzle_emb = unwrap(model).model.puzzle_emb
     sparse = lambda: CastedSparseEmbeddingSignSGD_Distributed(
-        puzzle_emb.buffers(), world_size=world_size, lr=0, weight_decay=config.puzzle_emb_weight_decay)
+        unwrap(model).model.puzzle_emb.buffers(), world_size=world_size, lr=0,
+        weight_decay=config.puzzle_emb_weight_decay)
     dense = lambda: AdamATan2(model.parameters(), lr=0, weight_decay=config.weight_decay,
                               betas=(config.beta1, config.beta2))
     if config.arch.model_extra.get("puzzle_emb_ndim", 0) == 0:
@@ -259,7 +259,7 @@ def run(hydra_config: DictConfig) -> None:
                     bar.write(f"step {state.step} eval: {metrics}")
                     wandb_logging.log(metrics, step=state.step)
             if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
-                save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"))
+                save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"), state.compiled)
             del eval_model
 
     if bar is not None:

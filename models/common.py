@@ -1,4 +1,4 @@
-"""Initialisers shared by the model layers."""
+"""Initialisers shared by the model layers, and the one place that strips wrapper prefixes from parameter names."""
 
 import math
 
@@ -33,3 +33,18 @@ def trunc_normal_init_(tensor: torch.Tensor, std: float = 1.0, lower: float = -2
         tensor.mul_(sqrt2 * comp_std)
         tensor.clip_(lower * comp_std, upper * comp_std)
     return tensor
+
+
+# Prefixes that wrappers add to parameter names: torch.compile, DDP, and a typo found in the fork's files.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig._mod.", ".")
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """`_orig_mod.module.model.x` -> `model.x`: drop compile/DDP wrapper prefixes at the front of a name."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, stripped = name[len(prefix):], True
+    return name

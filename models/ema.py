@@ -10,19 +10,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
-
-
-def strip_wrapper_prefixes(name: str) -> str:
-    """`_orig_mod.module.model.x` -> `model.x`: drop compile/DDP wrapper prefixes at the front of a name."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, stripped = name[len(prefix):], True
-    return name
-
+from models.common import strip_wrapper_prefixes
 
 def _trainable(module: nn.Module):
     for name, param in module.named_parameters():

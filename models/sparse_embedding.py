@@ -53,28 +53,49 @@ class CastedSparseEmbeddingSignSGD_Distributed(Optimizer):
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, world_size=world_size))
+        self._accumulated = []  # (grad, ids) of earlier micro-batches of this step
+
+    @staticmethod
+    def _group_tensors(group):
+        local_weights = local_ids = weights = None
+        if len(group["params"]) != 3:
+            raise ValueError("the sparse embedding group must hold exactly: local weights, local ids, table")
+        for p in group["params"]:
+            if p.requires_grad:
+                local_weights = p
+            elif p.ndim == 1:
+                local_ids = p
+            elif p.ndim == 2:
+                weights = p
+            else:
+                raise ValueError(f"unexpected tensor of shape {tuple(p.shape)} in the sparse embedding group")
+        if local_weights is None or local_ids is None or weights is None:
+            raise ValueError("the sparse embedding group lacks the local rows, the ids or the table")
+        return local_weights, local_ids, weights
+
+    @torch.no_grad()
+    def accumulate_local_grads(self) -> None:
+        """Gradient accumulation: keep this micro-batch's row gradients and ids (the next forward overwrites the
+        local buffers); `step` then updates as if all micro-batches had been one batch."""
+        for group in self.param_groups:
+            local_weights, local_ids, _ = self._group_tensors(group)
+            if local_weights.grad is not None:
+                self._accumulated.append((local_weights.grad.clone(), local_ids.clone()))
+                local_weights.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            local_grad = local_ids = weights = None
-            if len(group["params"]) != 3:
-                raise ValueError("the sparse embedding group must hold exactly: local weights, local ids, table")
-            for p in group["params"]:
-                if p.requires_grad:
-                    local_grad = p.grad
-                elif p.ndim == 1:
-                    local_ids = p
-                elif p.ndim == 2:
-                    weights = p
-                else:
-                    raise ValueError(f"unexpected tensor of shape {tuple(p.shape)} in the sparse embedding group")
-            if local_ids is None or weights is None:
-                raise ValueError("the sparse embedding group lacks the ids or the table")
-
-            if local_grad is not None:
-                _sparse_emb_signsgd_dist(local_grad, local_ids, weights, lr=group["lr"], weight_decay=group["weight_decay"],
-                                         world_size=group["world_size"])
+            local_weights, local_ids, weights = self._group_tensors(group)
+            grads = [g for g, _ in self._accumulated]
+            ids = [i for _, i in self._accumulated]
+            if local_weights.grad is not None:
+                grads.append(local_weights.grad)
+                ids.append(local_ids)
+            if grads:
+                _sparse_emb_signsgd_dist(torch.cat(grads), torch.cat(ids), weights, lr=group["lr"],
+                                         weight_decay=group["weight_decay"], world_size=group["world_size"])
+        self._accumulated = []
 
 
 def _sparse_emb_signsgd_dist(local_grad: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor,

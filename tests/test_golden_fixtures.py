@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from models.ema import strip_wrapper_prefixes
+from models.common import strip_wrapper_prefixes
 from models.losses import ACTLossHead
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 

@@ -9,8 +9,8 @@ from typing import Dict
 
 import torch
 
-# Prefixes that wrappers add to parameter names: torch.compile, DDP, and a typo seen in the fork's files.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig._mod.")
+from models.common import strip_wrapper_prefixes
+
 PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
 
 
@@ -30,16 +30,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in WRAPPER_PREFIXES + (".",):
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
+    return {strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -123,6 +114,8 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_model_state(model: torch.nn.Module, path: str) -> None:
-    """The reference's weights file: the state dict as the (possibly compiled) module names it, on the CPU."""
-    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+def save_model_state(model: torch.nn.Module, path: str, compiled: bool) -> None:
+    """The reference's weights file: the loss head's state dict on the CPU, keys prefixed `_orig_mod.` when the
+    training model is compiled (as official checkpoints are)."""
+    prefix = "_orig_mod." if compiled else ""
+    atomic_torch_save({prefix + k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, path)

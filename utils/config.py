@@ -4,7 +4,6 @@ Hydra composes config/cfg_pretrain.yaml + config/arch/*.yaml + command-line over
 checks every field, so a typo fails at start with one line instead of being silently ignored."""
 
 import os
-import sys
 from typing import List, Optional
 
 import pydantic
@@ -96,12 +95,9 @@ def parse_config(raw: dict) -> PretrainConfig:
 
 
 def model_config_fields(arch: ArchConfig) -> set:
-    """Field names of the model class's pydantic config (`<Class>Config` in the same module)."""
+    """Field names of the model class's pydantic config (its `config_class`)."""
     model_cls = load_model_class(arch.name)
-    config_cls = getattr(sys.modules[model_cls.__module__], model_cls.__name__ + "Config", None)
-    if config_cls is None:
-        raise ConfigError(f"model class {arch.name} has no {model_cls.__name__}Config next to it")
-    return set(config_cls.model_fields)
+    return set(model_cls.config_class.model_fields)
 
 
 # Fields that pretrain.py injects from the dataset; setting them in arch would be overwritten.

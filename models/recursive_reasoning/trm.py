@@ -237,10 +237,14 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
     """ACT wrapper. Class name kept: the configs name it `recursive_reasoning.trm@TinyRecursiveReasoningModel_ACTV1`."""
 
     inner_class = TRMInner
+    config_class = TRMConfig
 
     def __init__(self, config_dict: dict):
         super().__init__()
-        self.config = TRMConfig(**config_dict)
+        # Opt-in (evaluation): halt the whole batch once every row's q_halt says halt. Off = the reference,
+        # which always runs halt_max_steps steps in eval.
+        self.eval_early_exit = False
+        self.config = self.config_class(**config_dict)
         self.inner = self.inner_class(self.config)  # `inner`: checkpoint key prefix
 
     @property
@@ -276,7 +280,9 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
             is_last_step = steps >= cfg.halt_max_steps
             halted = is_last_step
 
-            # Evaluation always runs halt_max_steps steps, so all rows of a batch halt together.
+            # Evaluation runs halt_max_steps steps, so all rows of a batch halt together.
+            if not self.training and self.eval_early_exit:
+                halted = halted | (q_halt_logits > 0).all()
             if self.training and cfg.halt_max_steps > 1:
                 if cfg.no_ACT_continue:
                     halted = halted | (q_halt_logits > 0)
