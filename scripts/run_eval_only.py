@@ -68,7 +68,7 @@ def compose_config(args: argparse.Namespace):
     if args.global_batch_size is not None:
         overrides.append(f"global_batch_size={args.global_batch_size}")
     if args.device is not None:
-        overrides.append(f"+device={args.device}")
+        overrides.append(f"device={args.device}")
     if not args.bf16:
         overrides.append("arch.forward_dtype=float32")
     with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):

@@ -73,6 +73,7 @@ class PretrainConfig(pydantic.BaseModel):
     resume: bool = False  # continue from the newest complete training-state checkpoint of this run
     keep_last_checkpoints: int = 2  # training-state checkpoints kept on disk
     checkpoint_every_steps: Optional[int] = None  # also write a training-state checkpoint every N steps
+    metrics_jsonl: bool = False  # rank 0 also appends every logged metrics dict to <checkpoint_path>/metrics.jsonl
 
 
 def format_validation_error(e: pydantic.ValidationError) -> str:
@@ -83,6 +84,20 @@ def format_validation_error(e: pydantic.ValidationError) -> str:
     if err["type"] == "missing":
         return f"config key '{loc}' is required; set it on the command line ({loc}=...)"
     return f"config key '{loc}': {err['msg']} (got {err.get('input')!r})"
+
+
+def compose_config(config_file: str, overrides: List[str]) -> PretrainConfig:
+    """Hydra-compose `config_file` (e.g. config/cfg_pretrain.yaml) with command-line style overrides, then
+    validate: what pretrain.py gets from @hydra.main, for scripts that have their own argument parser."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    config_file = os.path.abspath(config_file)
+    if not os.path.isfile(config_file):
+        raise ConfigError(f"config file {config_file} does not exist; pass e.g. --config config/cfg_pretrain.yaml")
+    with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):
+        cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
+    return parse_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def parse_config(raw: dict) -> PretrainConfig:
