@@ -101,8 +101,9 @@ def atomic_output_dir(output_dir: str) -> Iterator[str]:
 
 def write_json(path: str, obj) -> None:
     # Python's json.dump defaults (no indent, ', ' / ': ' separators, ASCII-escaped), as the reference writes.
+    # json.dumps gives the same text through the C encoder, many times faster for the large ARC files.
     with open(path, "w") as f:
-        json.dump(obj, f)
+        f.write(json.dumps(obj))
 
 
 def save_split(root: str, split: str, metadata: PuzzleDatasetMetadata, arrays: Dict[str, Dict[str, np.ndarray]]) -> None:
