@@ -87,6 +87,8 @@ class ARC:
     def begin_eval(self) -> None:
         self._hmap: HashMap = {}
         self._votes: Votes = {}
+        # Filled by `result` on rank 0: puzzle name -> {"pairs": test pairs, "pass@k": credit (hits / pairs), ...}.
+        self.per_task: Dict[str, Dict[str, float]] = {}
 
     def update_batch(self, batch: Dict[str, torch.Tensor], preds: Dict[str, torch.Tensor]) -> None:
         """Record one batch of CPU tensors: inputs [B, 900], puzzle_identifiers [B], preds [B, 900],
@@ -148,6 +150,8 @@ class ARC:
                 attempts += [attempts[0]] * (self.submission_K - len(attempts))  # pad by repeating the best
                 submission[name].append({f"attempt_{i + 1}": hmap[h].tolist() for i, h in enumerate(attempts)})
             puzzle_credit += hits / len(puzzle["test"])
+            self.per_task[name] = {"pairs": len(puzzle["test"]),
+                                   **{f"pass@{k}": float(h) / len(puzzle["test"]) for k, h in zip(self.pass_Ks, hits)}}
             pair_hits += hits
             num_pairs += len(puzzle["test"])
 

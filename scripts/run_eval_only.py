@@ -21,6 +21,7 @@ sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/run_eval_
 
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.errors import HydraException  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from models.build import build_model  # noqa: E402
@@ -30,7 +31,7 @@ from utils.checkpoint import CheckpointError, atomic_write_text, load_model_stat
 from utils.config import ConfigError, check_batch_divides, parse_config  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
-from utils.hub import resolve_checkpoint  # noqa: E402
+from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
 from utils.stats import format_wilson_lines, wilson_interval  # noqa: E402
 
 
@@ -57,23 +58,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="stop a batch once every row's halting head says halt; reports the mean ACT steps")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch=trm_mlp arch.L_cycles=4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
 
 def compose_config(args: argparse.Namespace):
     config_file = os.path.abspath(args.config)
     if not os.path.isfile(config_file):
         raise ConfigError(f"config file {args.config} does not exist; pass --config config/cfg_pretrain.yaml")
-    overrides = list(args.overrides) + [f"data_paths=[{args.dataset}]", "data_paths_test=[]"]
+    overrides = list(args.overrides)
     if args.global_batch_size is not None:
         overrides.append(f"global_batch_size={args.global_batch_size}")
     if args.device is not None:
         overrides.append(f"device={args.device}")
     if not args.bf16:
         overrides.append("arch.forward_dtype=float32")
-    with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):
-        cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
-    config = parse_config(OmegaConf.to_container(cfg, resolve=True))
+    try:
+        with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):
+            cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
+    except HydraException as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"override rejected: {reason} (keys: {config_file}; arch choices: "
+                          f"{os.path.join(os.path.dirname(config_file), 'arch')})") from None
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw.update(data_paths=[args.dataset], data_paths_test=[])  # not as overrides: a ',' in a path would split it
+    config = parse_config(raw)
     # Evaluators need the dataset's ARC files; other tasks have none.
     if not os.path.isfile(os.path.join(args.dataset, "test_puzzles.json")):
         config.evaluators = []
@@ -90,9 +98,9 @@ def load_weights(model: torch.nn.Module, args: argparse.Namespace, checkpoint_pa
 
 
 def one_batch_loader(config, dist_info: distributed.DistInfo, dataset_path: str):
-    """The first batch that the training sampler (seed + 1) draws from the test split, or None."""
+    """The first batch that the training sampler draws from the test split (its first pass: Philox seed + 1), or None."""
     dataset = PuzzleDataset(PuzzleDatasetConfig(
-        seed=config.seed + 1, dataset_paths=[dataset_path], global_batch_size=config.global_batch_size,
+        seed=config.seed, dataset_paths=[dataset_path], global_batch_size=config.global_batch_size,
         test_set_mode=False, epochs_per_iter=1, rank=dist_info.rank, num_replicas=dist_info.world_size), split="test")
     first = list(itertools.islice(iter(dataset), 1))
     return first or None
@@ -140,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         evaluators = [load_model_class(spec.name, "evaluators.")(data_path=args.dataset, eval_metadata=eval_metadata,
                                                                  **(spec.model_extra or {}))
                       for spec in config.evaluators]
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, HubUnreachableError) as e:
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
         return 2
@@ -163,8 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Run metrics:", metrics)
         intervals = wilson_report(metrics, counts)
         for name, ci in intervals.items():
-            print("\n".join(format_wilson_lines(name.removeprefix("all.") if name.startswith("ARC/") else name,
-                                                ci["lo"], ci["hi"], ci["n"])))
+            print("\n".join(format_wilson_lines(name, ci["lo"], ci["hi"], ci["n"])))
         report = {
             "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_path, "dataset": args.dataset,
             "arch": config.arch.model_dump(), "global_batch_size": config.global_batch_size,

@@ -44,8 +44,12 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} is not a plain state dict of tensors and was refused ({first_line})") from None
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); is the file complete?") from None
-    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise CheckpointError(f"checkpoint {path} is not a state dict (a dict of name -> tensor); got {type(obj).__name__}")
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} is not a state dict (a dict of name -> tensor); got a {type(obj).__name__}")
+    for key, value in obj.items():
+        if not (isinstance(key, str) and isinstance(value, torch.Tensor)):
+            raise CheckpointError(f"checkpoint {path} is not a state dict (a dict of name -> tensor): entry {key!r} "
+                                  f"is of type {type(value).__name__}; pass a weights file (step_<N>)")
     return obj
 
 
@@ -74,9 +78,11 @@ def load_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]
     if table is not None and PUZZLE_TABLE_KEY in expected and table.shape != expected[PUZZLE_TABLE_KEY].shape:
         want = expected[PUZZLE_TABLE_KEY].shape
         if not resize_puzzle_table or table.shape[1:] != want[1:]:
+            hint = (_mismatch_hint(PUZZLE_TABLE_KEY) if table.shape[1:] == want[1:] else
+                    "the embedding width differs: set arch.hidden_size / puzzle_emb_ndim to the checkpoint's")
             raise CheckpointError(
-                f"{source} has a puzzle-embedding table of shape {list(table.shape)} but the dataset needs {list(want)}: "
-                f"{_mismatch_hint(PUZZLE_TABLE_KEY)}")
+                f"{source} has a puzzle-embedding table of shape {list(table.shape)} but this model needs {list(want)}: "
+                f"{hint}")
         print(f"Resizing puzzle embedding table from {list(table.shape)} to {list(want)} (row mean)")
         state_dict[PUZZLE_TABLE_KEY] = table.mean(dim=0, keepdim=True).expand(want).contiguous()
 
