@@ -20,15 +20,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/run_eval_only.py`
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.errors import HydraException  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
 from models.build import build_model  # noqa: E402
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig, create_dataloader  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import CheckpointError, atomic_write_text, load_model_state, read_state_dict, unwrap  # noqa: E402
-from utils.config import ConfigError, check_batch_divides, parse_config  # noqa: E402
+import utils.config  # noqa: E402
+from utils.config import ConfigError, check_batch_divides  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
 from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
@@ -62,9 +60,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def compose_config(args: argparse.Namespace):
-    config_file = os.path.abspath(args.config)
-    if not os.path.isfile(config_file):
-        raise ConfigError(f"config file {args.config} does not exist; pass --config config/cfg_pretrain.yaml")
     overrides = list(args.overrides)
     if args.global_batch_size is not None:
         overrides.append(f"global_batch_size={args.global_batch_size}")
@@ -72,16 +67,8 @@ def compose_config(args: argparse.Namespace):
         overrides.append(f"device={args.device}")
     if not args.bf16:
         overrides.append("arch.forward_dtype=float32")
-    try:
-        with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):
-            cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
-    except HydraException as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"override rejected: {reason} (keys: {config_file}; arch choices: "
-                          f"{os.path.join(os.path.dirname(config_file), 'arch')})") from None
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.update(data_paths=[args.dataset], data_paths_test=[])  # not as overrides: a ',' in a path would split it
-    config = parse_config(raw)
+    # The dataset path is set after composing: a ',' in a path would split it as an override.
+    config = utils.config.compose_config(args.config, overrides, fixed=dict(data_paths=[args.dataset], data_paths_test=[]))
     # Evaluators need the dataset's ARC files; other tasks have none.
     if not os.path.isfile(os.path.join(args.dataset, "test_puzzles.json")):
         config.evaluators = []
@@ -140,8 +127,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         eval_loader, eval_metadata = create_dataloader(PuzzleDatasetConfig(
             seed=config.seed, dataset_paths=[args.dataset], global_batch_size=config.global_batch_size,
             test_set_mode=True, epochs_per_iter=1, rank=dist_info.rank, num_replicas=dist_info.world_size), split="test")
-        checkpoint_path = resolve_checkpoint(args.checkpoint) if dist_info.is_main else None
-        checkpoint_path = distributed.broadcast_object(checkpoint_path)
+        checkpoint_path = resolve_checkpoint(args.checkpoint)  # every rank: nodes need not share a hub cache
         torch.manual_seed(config.seed + dist_info.rank)
         model = build_model(config.arch, eval_metadata, batch_size=local_batch, device=dist_info.device)
         load_weights(model, args, checkpoint_path)
@@ -168,13 +154,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                        save_outputs=args.eval_save_outputs, early_exit=args.early_exit, progress=True,
                        counts_out=counts)
     if dist_info.is_main:
+        metrics = metrics or {}  # an empty test split scores nothing
         print("Run metrics:", metrics)
         intervals = wilson_report(metrics, counts)
         for name, ci in intervals.items():
             print("\n".join(format_wilson_lines(name, ci["lo"], ci["hi"], ci["n"])))
         report = {
             "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_path, "dataset": args.dataset,
-            "arch": config.arch.model_dump(), "global_batch_size": config.global_batch_size,
+            "arch": {**config.arch.model_dump(), "forward_dtype": unwrap(model).model.config.forward_dtype},
+            "global_batch_size": config.global_batch_size,
             "one_batch": args.one_batch, "early_exit": args.early_exit, "world_size": dist_info.world_size,
             "metrics": metrics, "counts": counts, "wilson_95": intervals,
             "per_task": {type(e).__name__: getattr(e, "per_task", None) for e in evaluators} or None,

@@ -86,18 +86,28 @@ def format_validation_error(e: pydantic.ValidationError) -> str:
     return f"config key '{loc}': {err['msg']} (got {err.get('input')!r})"
 
 
-def compose_config(config_file: str, overrides: List[str]) -> PretrainConfig:
-    """Hydra-compose `config_file` (e.g. config/cfg_pretrain.yaml) with command-line style overrides, then
-    validate: what pretrain.py gets from @hydra.main, for scripts that have their own argument parser."""
+def compose_config(config_file: str, overrides: List[str], fixed: Optional[dict] = None) -> PretrainConfig:
+    """Hydra-compose `config_file` (e.g. config/cfg_pretrain.yaml) with command-line style overrides, set the
+    `fixed` keys (values that must not be parsed as override syntax, e.g. paths), then validate: what pretrain.py
+    gets from @hydra.main, for scripts that have their own argument parser."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
 
     config_file = os.path.abspath(config_file)
     if not os.path.isfile(config_file):
         raise ConfigError(f"config file {config_file} does not exist; pass e.g. --config config/cfg_pretrain.yaml")
-    with initialize_config_dir(config_dir=os.path.dirname(config_file), version_base=None):
-        cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
-    return parse_config(OmegaConf.to_container(cfg, resolve=True))
+    config_dir = os.path.dirname(config_file)
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base=None):
+            cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
+    except HydraException as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"override rejected: {reason} (keys: {config_file}; arch choices: "
+                          f"{os.path.join(config_dir, 'arch')})") from None
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw.update(fixed or {})
+    return parse_config(raw)
 
 
 def parse_config(raw: dict) -> PretrainConfig:
