@@ -1,11 +1,16 @@
 """Weights & Biases on rank 0, never prompting: WANDB_MODE decides (online / offline / disabled, as usual);
 when it is unset and no API key is configured, runs are logged offline to ./wandb (sync later with
-`wandb sync`)."""
+`wandb sync`).
 
+With `metrics_jsonl=True` in the config, every logged dict is also appended, whatever WANDB_MODE says, as one
+JSON line {"step": N, <metrics>} to <checkpoint_path>/metrics.jsonl: a local record that scripts and tests can read."""
+
+import json
 import os
 from typing import Optional
 
 _run = None
+_jsonl_path: Optional[str] = None
 
 
 def _has_api_key() -> bool:
@@ -16,7 +21,13 @@ def _has_api_key() -> bool:
 
 
 def init(config, num_params: Optional[int] = None) -> None:
-    global _run
+    global _run, _jsonl_path
+    _jsonl_path = None
+    if getattr(config, "metrics_jsonl", False) and config.checkpoint_path:
+        os.makedirs(config.checkpoint_path, exist_ok=True)
+        _jsonl_path = os.path.join(config.checkpoint_path, "metrics.jsonl")
+        if num_params is not None:
+            _append_jsonl({"num_params": num_params}, step=0)
     mode = os.environ.get("WANDB_MODE") or ("online" if _has_api_key() else "offline")
     if mode == "disabled":
         return
@@ -28,13 +39,21 @@ def init(config, num_params: Optional[int] = None) -> None:
         _run.log({"num_params": num_params}, step=0)
 
 
+def _append_jsonl(metrics: dict, step: int) -> None:
+    with open(_jsonl_path, "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
 def log(metrics: dict, step: int) -> None:
+    if _jsonl_path is not None:
+        _append_jsonl(metrics, step)
     if _run is not None:
         _run.log(metrics, step=step)  # nested {set: {name: value}} as the reference logs it
 
 
 def finish() -> None:
-    global _run
+    global _run, _jsonl_path
+    _jsonl_path = None
     if _run is not None:
         _run.finish()
         _run = None
