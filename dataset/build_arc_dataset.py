@@ -43,9 +43,9 @@ def _progress(items, desc: str):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference draws everything from NumPy's legacy global RNG, one C call per number. Reproducing its stream
-# in Python from MT19937's raw 32-bit words is exact and far cheaper: legacy `randint(0, n)`, `permutation` and
-# `shuffle` all reduce to "bounded interval" draws that mask a word to the smallest covering power of two and
-# reject values above the bound (no word is consumed when the bound is 0).
+# from MT19937's raw 32-bit words is exact and far cheaper: legacy `randint(0, n)`, `permutation` and `shuffle`
+# all reduce to "bounded interval" draws that mask a word to the smallest covering power of two and reject values
+# above the bound (no word is used when the bound is 0).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -57,7 +57,7 @@ def _interval_mask(high: int) -> int:
 
 
 _MASKS = [_interval_mask(high) for high in range(64)]
-# Legacy permutation of 9 items: Fisher-Yates from the back, swap position i with a draw from 0..i.
+# Legacy permutation of the 9 colours 1..9: Fisher-Yates from the back, swapping item i with a draw from 0..i.
 _PERMUTATION_9_STEPS = [(i, _MASKS[i]) for i in range(8, 0, -1)]
 
 
@@ -65,20 +65,29 @@ class LegacyRandom:
     """The draws of `np.random.seed(seed)` followed by legacy `randint` / `permutation` / `shuffle`, bit for bit."""
 
     def __init__(self, seed: int):
-        bitgen = np.random.MT19937()
-        bitgen.state = np.random.RandomState(seed).get_state(legacy=False)  # legacy seeding of MT19937
-        chunks = (bitgen.random_raw(1 << 16).tolist() for _ in itertools.count())
-        self.next_word = itertools.chain.from_iterable(chunks).__next__
+        self._bitgen = np.random.MT19937()
+        self._bitgen.state = np.random.RandomState(seed).get_state(legacy=False)  # legacy seeding of MT19937
+        self._words: List[int] = []  # raw words drawn from the generator; those from _pos on are unused
+        self._pos = 0
+
+    def _more_words(self) -> None:
+        """Drop the used words and append fresh ones."""
+        del self._words[:self._pos]
+        self._pos = 0
+        self._words.extend(self._bitgen.random_raw(1 << 16).tolist())
 
     def interval(self, high: int) -> int:
         """Uniform integer in 0..high, as legacy `randint(0, high + 1)`."""
         if high == 0:
             return 0
         mask = _MASKS[high] if high < len(_MASKS) else _interval_mask(high)
-        value = self.next_word() & mask
-        while value > high:
-            value = self.next_word() & mask
-        return value
+        while True:
+            if self._pos == len(self._words):
+                self._more_words()
+            value = self._words[self._pos] & mask
+            self._pos += 1
+            if value <= high:
+                return value
 
     def shuffle(self, items: list) -> None:
         """In place, as legacy `shuffle(items)`."""
@@ -86,16 +95,37 @@ class LegacyRandom:
             j = self.interval(i)
             items[i], items[j] = items[j], items[i]
 
-    def colour_map(self) -> List[int]:
-        """[0] + legacy `permutation(np.arange(1, 10))`: colour 0 (background) stays fixed."""
-        perm = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
-        next_word = self.next_word
-        for i, mask in _PERMUTATION_9_STEPS:
-            j = next_word() & mask
-            while j > i:
-                j = next_word() & mask
-            perm[i + 1], perm[j + 1] = perm[j + 1], perm[i + 1]
-        return perm
+    def peek_augmentations(self, count: int) -> Tuple[List[int], List[List[int]], List[int]]:
+        """The next `count` augmentation trials (legacy `randint(0, 8)`, then `permutation(np.arange(1, 10))`)
+        without using them up: dihedral ids, colour maps (10 entries, colour 0 fixed) and, for `skip`, the number
+        of words used by trials 0..k."""
+        transforms, colour_maps, words_used = [], [], []
+        words, start = self._words, self._pos
+        p = start
+        while len(transforms) < count:
+            trial_start = p
+            try:
+                t = words[p] & 7  # randint(0, 8): mask 7 accepts every word
+                p += 1
+                perm = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+                for i, mask in _PERMUTATION_9_STEPS:
+                    j = words[p] & mask
+                    p += 1
+                    while j > i:
+                        j = words[p] & mask
+                        p += 1
+                    perm[i + 1], perm[j + 1] = perm[j + 1], perm[i + 1]
+            except IndexError:  # ran out of buffered words: extend the buffer in place and redo this trial
+                words.extend(self._bitgen.random_raw(1 << 16).tolist())
+                p = trial_start
+                continue
+            transforms.append(t)
+            colour_maps.append(perm)
+            words_used.append(p - start)
+        return transforms, colour_maps, words_used
+
+    def skip(self, n_words: int) -> None:
+        self._pos += n_words
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,9 +222,17 @@ def convert_puzzle(name: str, puzzle, source: str, routing: Dict[str, str]) -> D
 # ---------------------------------------------------------------------------------------------------------------
 
 # The reference keeps a version only if its SHA-256 "puzzle hash" is new; that hash is equal exactly when the
-# multisets of (input shape, input cells, output shape, output cells) over all pairs are equal. We compare those
-# multisets directly: each pair is one byte string (shapes stored as 100 + size, so a colour map leaves them
-# alone), recoloured with bytes.translate, and a version's key is its sorted tuple of pair strings.
+# multisets of (input shape, input cells, output shape, output cells) over all pairs are equal. We decide the same
+# equality, cheaply, in three steps per trial:
+#   1. A trial whose dihedral id and colour map on the puzzle's colours repeat an earlier trial's gives that
+#      trial's puzzle: a duplicate. This settles most of the thousands of trials of few-colour puzzles.
+#   2. Otherwise a 64-bit hash per pair that is linear in the colour map, so a whole batch of trials is one NumPy
+#      product; a version's hash is its sorted pair hashes. A new hash means a new puzzle.
+#   3. Only when the hash is already known, compare the actual pair contents.
+# Each pair is one byte string: height and width stored as 100 + size (so a colour map leaves them alone), then
+# the cells, for the input and then the output.
+_PAIR_BYTES_MAX = 2 * (2 + SEQ_LEN)
+_POSITION_WEIGHTS = np.random.default_rng(0).integers(0, 2**64, size=_PAIR_BYTES_MAX, dtype=np.uint64)
 _TRANSLATE_TAIL = bytes(range(10, 256))
 
 
@@ -202,45 +240,90 @@ def _pair_bytes(inp: np.ndarray, out: np.ndarray) -> bytes:
     return b"".join(bytes((100 + g.shape[0], 100 + g.shape[1])) + g.tobytes() for g in (inp, out))
 
 
+class _PuzzleContent:
+    """A puzzle's pairs under each dihedral transform, for comparing versions."""
+
+    def __init__(self, examples: List[Tuple[np.ndarray, np.ndarray]]):
+        # Per dihedral id, all pairs concatenated; a pair's (start, end) is the same for every id.
+        self.pair_bytes = [
+            b"".join(_pair_bytes(dihedral_transform(i, t), dihedral_transform(o, t)) for i, o in examples)
+            for t in range(8)
+        ]
+        lengths = [4 + i.size + o.size for i, o in examples]
+        ends = list(itertools.accumulate(lengths))
+        self.bounds = list(zip([0] + ends[:-1], ends))
+        # Pair hash = sum over bytes of (recoloured byte value) * weight of its position, mod 2**64, so
+        # hash(t, m) = constant[t] + colour_weights[t] @ m.
+        n_pairs = len(examples)
+        pair_of_byte = np.repeat(np.arange(n_pairs), lengths)
+        weights = _POSITION_WEIGHTS[np.concatenate([np.arange(n) for n in lengths])]
+        self.colour_weights = np.zeros((8, n_pairs * 10), dtype=np.uint64)
+        self.constant = np.zeros((8, n_pairs), dtype=np.uint64)
+        for t, content in enumerate(self.pair_bytes):
+            values = np.frombuffer(content, dtype=np.uint8)
+            is_colour = values < 10
+            np.add.at(self.colour_weights[t], pair_of_byte[is_colour] * 10 + values[is_colour], weights[is_colour])
+            np.add.at(self.constant[t], pair_of_byte[~is_colour], values[~is_colour] * weights[~is_colour])
+        self.colour_weights = self.colour_weights.reshape(8, n_pairs, 10)
+        used = np.unique(np.concatenate([g.ravel() for pair in examples for g in pair])).tolist()
+        self.colours = [c for c in used if c != 0]  # colour 0 is never remapped
+
+    def trial_codes(self, transforms: np.ndarray, colour_maps: np.ndarray) -> List[int]:
+        """Step 1 key: the dihedral id and the colour map restricted to the puzzle's colours, as one integer."""
+        digits = 10 ** np.arange(len(self.colours))[::-1]
+        return (transforms * 10 ** len(self.colours) + colour_maps[:, self.colours] @ digits).tolist()
+
+    def hashes(self, transforms: np.ndarray, colour_maps: np.ndarray) -> np.ndarray:
+        """Step 2 key: uint64 [trials, pairs], sorted per trial."""
+        # uint64 arithmetic wraps: mod 2**64.
+        h = np.einsum("kpc,kc->kp", self.colour_weights[transforms], colour_maps.astype(np.uint64))
+        h += self.constant[transforms]
+        h.sort(axis=1)
+        return h
+
+    def exact(self, transform: int, colour_map: List[int]) -> tuple:
+        """Step 3 key: the sorted recoloured pair strings."""
+        recoloured = self.pair_bytes[transform].translate(bytes(colour_map) + _TRANSLATE_TAIL)
+        return tuple(sorted(recoloured[a:b] for a, b in self.bounds))
+
+
 def augment(examples: List[Tuple[np.ndarray, np.ndarray]], num_aug: int, rng: LegacyRandom) -> Tuple[np.ndarray, np.ndarray]:
     """Draw up to AUG_RETRIES_FACTOR * num_aug (dihedral id, colour map) trials, keep distinct puzzles, stop at
     1 + num_aug versions. Returns (transforms uint8 [V], colour maps uint8 [V, 10]), version 0 = identity."""
-    # Per dihedral id, all pairs transformed and concatenated; a pair's (start, end) is the same for every id.
-    per_transform = [
-        b"".join(_pair_bytes(dihedral_transform(i, t), dihedral_transform(o, t)) for i, o in examples) for t in range(8)
-    ]
-    ends = list(itertools.accumulate(4 + i.size + o.size for i, o in examples))
-    bounds = list(zip([0] + ends[:-1], ends))
-
-    def key(t: int, colour_map: List[int]) -> tuple:
-        recoloured = per_transform[t].translate(bytes(colour_map) + _TRANSLATE_TAIL)
-        return tuple(sorted(recoloured[a:b] for a, b in bounds))
-
-    # A trial whose dihedral id and colour map on the puzzle's colours repeat an earlier trial's gives the same
-    # puzzle, which is already in `seen`: skip the content comparison. This is what makes the thousands of trials
-    # of few-colour puzzles (which never reach 1 + num_aug versions) cheap.
-    used_colours = sorted(set(itertools.chain.from_iterable(np.unique(g).tolist() for pair in examples for g in pair)))
-    identity = list(range(10))
-    versions = [(0, identity)]
-    seen = {key(0, identity)}
-    tried = {(0, tuple(used_colours))}
-    if num_aug > 0:
-        for _ in range(AUG_RETRIES_FACTOR * num_aug):
-            t = rng.interval(7)
-            colour_map = rng.colour_map()
-            trial = (t, tuple([colour_map[c] for c in used_colours]))
-            if trial in tried:
+    content = _PuzzleContent(examples)
+    identity_t, identity_map = np.zeros(1, dtype=np.int64), np.arange(10)[None]
+    transforms, colour_maps = [0], [list(range(10))]
+    tried = set(content.trial_codes(identity_t, identity_map))
+    known = {content.hashes(identity_t, identity_map)[0].tobytes(): [0]}  # hash -> versions with that hash
+    trials_left = AUG_RETRIES_FACTOR * num_aug
+    while trials_left > 0 and len(transforms) <= num_aug:
+        # A batch of trials, with a few spare for duplicates; those not needed go back to the stream unused.
+        batch = min(trials_left, num_aug + 1 - len(transforms) + 16)
+        batch_t, batch_maps, words_used = rng.peek_augmentations(batch)
+        batch_t_array, batch_maps_array = np.array(batch_t), np.array(batch_maps)
+        codes = content.trial_codes(batch_t_array, batch_maps_array)
+        hashes = content.hashes(batch_t_array, batch_maps_array)
+        hash_bytes, width = hashes.tobytes(), hashes.shape[1] * hashes.itemsize
+        taken = batch
+        for k in range(batch):
+            if codes[k] in tried:
                 continue
-            tried.add(trial)
-            k = key(t, colour_map)
-            if k not in seen:
-                seen.add(k)
-                versions.append((t, colour_map))
-                if len(versions) > num_aug:
-                    break
-    transforms = np.array([t for t, _ in versions], dtype=np.uint8)
-    colour_maps = np.array([m for _, m in versions], dtype=np.uint8)
-    return transforms, colour_maps
+            tried.add(codes[k])
+            h = hash_bytes[k * width:(k + 1) * width]
+            t, colour_map = batch_t[k], batch_maps[k]
+            if h in known:
+                key = content.exact(t, colour_map)
+                if any(content.exact(transforms[v], colour_maps[v]) == key for v in known[h]):
+                    continue
+            known.setdefault(h, []).append(len(transforms))
+            transforms.append(t)
+            colour_maps.append(colour_map)
+            if len(transforms) > num_aug:
+                taken = k + 1
+                break
+        rng.skip(words_used[taken - 1])
+        trials_left -= taken
+    return np.array(transforms, dtype=np.uint8), np.array(colour_maps, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

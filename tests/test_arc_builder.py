@@ -72,24 +72,26 @@ def test_arc2_matches_reference_md5(tmp_path):
 
 
 def test_legacy_random_matches_numpy_legacy_draws():
-    highs = [1, 2, 8, 9, 17, 30, 31, 1000]
     np.random.seed(123)
-    expected = []
-    for h in highs * 20:
-        expected.append(np.random.randint(0, h))
-        expected.append([0] + np.random.permutation(np.arange(1, 10, dtype=np.uint8)).tolist())
+    bounded = [np.random.randint(0, h) for h in [1, 2, 8, 9, 17, 30, 31, 1000] * 20]
     items = list(range(57))
     np.random.shuffle(items)
+    # Enough augmentation trials to run past the generator's first buffered chunk of words.
+    trials = [(np.random.randint(0, 8), [0] + np.random.permutation(np.arange(1, 10)).tolist()) for _ in range(7000)]
+    after = np.random.randint(0, 2**31)
 
     rng = arc.LegacyRandom(123)
-    got = []
-    for h in highs * 20:
-        got.append(rng.interval(h - 1))
-        got.append(rng.colour_map())
+    assert [rng.interval(h - 1) for h in [1, 2, 8, 9, 17, 30, 31, 1000] * 20] == bounded
     shuffled = list(range(57))
     rng.shuffle(shuffled)
-    assert got == expected and shuffled == items
-    assert rng.interval(2**31 - 1) == np.random.randint(0, 2**31)  # and the streams are still in step
+    assert shuffled == items
+    transforms, colour_maps, words_used = rng.peek_augmentations(7000)
+    assert list(zip(transforms, colour_maps)) == trials
+    rng.skip(words_used[2999])  # take only the first 3000 trials
+    transforms, colour_maps, words_used = rng.peek_augmentations(4000)
+    assert list(zip(transforms, colour_maps)) == trials[3000:]
+    rng.skip(words_used[-1])
+    assert rng.interval(2**31 - 1) == after  # and the streams are still in step
 
 
 # --- structure of a built dataset ---------------------------------------------------------------------------------
