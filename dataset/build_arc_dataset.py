@@ -13,7 +13,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -40,6 +40,7 @@ TRANSPOSING = {1, 3, 6, 7}  # dihedral ids that swap a grid's height and width
 def _progress(items, desc: str):
     # A bar on stderr only when it is a terminal, so logs and tests stay quiet.
     return tqdm(items, desc=desc, leave=False, disable=None)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference draws everything from NumPy's legacy global RNG, one C call per number. Reproducing its stream
@@ -81,13 +82,17 @@ class LegacyRandom:
         if high == 0:
             return 0
         mask = _MASKS[high] if high < len(_MASKS) else _interval_mask(high)
-        while True:
-            if self._pos == len(self._words):
-                self._more_words()
-            value = self._words[self._pos] & mask
-            self._pos += 1
-            if value <= high:
-                return value
+        words, p = self._words, self._pos
+        try:
+            value = words[p] & mask
+            while value > high:
+                p += 1
+                value = words[p] & mask
+        except IndexError:  # ran out of buffered words: start this draw again with more
+            self._more_words()
+            return self.interval(high)
+        self._pos = p + 1
+        return value
 
     def shuffle(self, items: list) -> None:
         """In place, as legacy `shuffle(items)`."""
@@ -287,7 +292,8 @@ class _PuzzleContent:
         return tuple(sorted(recoloured[a:b] for a, b in self.bounds))
 
 
-def augment(examples: List[Tuple[np.ndarray, np.ndarray]], num_aug: int, rng: LegacyRandom) -> Tuple[np.ndarray, np.ndarray]:
+def augment(examples: List[Tuple[np.ndarray, np.ndarray]], num_aug: int,
+            rng: LegacyRandom) -> Tuple[np.ndarray, np.ndarray]:
     """Draw up to AUG_RETRIES_FACTOR * num_aug (dihedral id, colour map) trials, keep distinct puzzles, stop at
     1 + num_aug versions. Returns (transforms uint8 [V], colour maps uint8 [V, 10]), version 0 = identity."""
     content = _PuzzleContent(examples)
@@ -405,7 +411,8 @@ def _open_npy(path: str, dtype, shape: Tuple[int, ...]):
     return f
 
 
-def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, num_identifiers: int, rng) -> None:
+def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, num_identifiers: int,
+                rng: Optional[LegacyRandom]) -> None:
     """Write `<root>/<split>/`: the five arrays of set "all" and dataset.json. `rng` draws the train translations
     (None for the test split, whose reference draws are never used)."""
     split_dir = os.path.join(root, split)
@@ -464,7 +471,8 @@ def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, nu
 
 def build(args: argparse.Namespace) -> None:
     if args.test_set_name not in args.subsets:
-        raise DatasetBuildError(f"--test-set-name {args.test_set_name} is not one of --subsets {' '.join(args.subsets)}")
+        subsets = " ".join(args.subsets)
+        raise DatasetBuildError(f"--test-set-name {args.test_set_name} is not one of --subsets {subsets}")
     if args.num_aug < 0 or args.puzzle_identifiers_start < 1:
         raise DatasetBuildError("--num-aug must be >= 0 and --puzzle-identifiers-start >= 1")
     test_sets = {args.test_set_name, args.test_set_name2}
@@ -490,7 +498,8 @@ def build(args: argparse.Namespace) -> None:
             for name, raw, examples in _progress(entries, f"augmenting {subset}"):
                 if subset in test_sets:
                     test_puzzles[name] = raw
-                transforms, colour_maps = augment([p for pairs in examples.values() for p in pairs], args.num_aug, rng)
+                all_pairs = [pair for pairs in examples.values() for pair in pairs]
+                transforms, colour_maps = augment(all_pairs, args.num_aug, rng)
                 if len(transforms) < args.num_aug + 1:
                     not_full.append((len(transforms), name))
                 puzzle = Puzzle(name, examples, transforms, colour_maps)

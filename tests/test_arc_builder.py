@@ -78,6 +78,7 @@ def test_legacy_random_matches_numpy_legacy_draws():
     np.random.shuffle(items)
     # Enough augmentation trials to run past the generator's first buffered chunk of words.
     trials = [(np.random.randint(0, 8), [0] + np.random.permutation(np.arange(1, 10)).tolist()) for _ in range(7000)]
+    many = np.random.randint(0, 30, size=70000).tolist()  # past a chunk boundary of scalar draws too
     after = np.random.randint(0, 2**31)
 
     rng = arc.LegacyRandom(123)
@@ -91,6 +92,7 @@ def test_legacy_random_matches_numpy_legacy_draws():
     transforms, colour_maps, words_used = rng.peek_augmentations(4000)
     assert list(zip(transforms, colour_maps)) == trials[3000:]
     rng.skip(words_used[-1])
+    assert [rng.interval(29) for _ in range(70000)] == many
     assert rng.interval(2**31 - 1) == after  # and the streams are still in step
 
 
@@ -236,7 +238,8 @@ def test_tiny_inputs_build(inputs):
 @pytest.mark.parametrize(
     "file, content, message",
     [
-        ("p_tr_challenges.json", '{"a": [1, }', "p_tr_challenges.json is not valid JSON: Expecting value at line 1 column 11"),
+        ("p_tr_challenges.json", '{"a": [1, }',
+         "p_tr_challenges.json is not valid JSON: Expecting value at line 1 column 11"),
         ("p_tr_challenges.json", None, "p_tr_challenges.json not found"),
         ("p_tr_challenges.json", {"a": {"train": [{"input": [[1] * 31], "output": [[1]]}], "test": []}},
          "puzzle a train pair 0 in"),
