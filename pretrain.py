@@ -4,7 +4,15 @@
     torchrun --nproc-per-node 8 pretrain.py ...          # NCCL on GPUs, gloo on CPUs
 
 Read top to bottom: set-up (device, config, data, model, optimizers), then the loop of train steps, evaluations
-and checkpoints. Each piece lives in the module that owns it."""
+and checkpoints. Each piece lives in the module that owns it.
+
+Checkpoints: at every evaluation point the reference-format weights file `<checkpoint_path>/step_<N>`, plus a full
+training state `<checkpoint_path>/train_state/step_<N>/` (utils/train_state.py; also every checkpoint_every_steps
+steps; the newest keep_last_checkpoints are kept). Resume a run with the same command and checkpoint_path (the
+same +run_name) plus `+resume=true`: it continues from the newest intact training state exactly as if it had
+never stopped, and refuses one written by an incompatible config (exit code 2). SIGTERM or SIGINT: the run
+finishes its current step, saves a training state and exits with code 128 + the signal number (143 / 130); a
+second signal stops it at once."""
 
 import os
 import shutil
@@ -31,7 +39,7 @@ from utils.evaluation import evaluate
 from utils.functions import get_model_source_path, load_model_class
 from utils.hub import resolve_checkpoint
 from utils.schedule import cosine_schedule_with_warmup_lr
-from utils import wandb_logging
+from utils import train_state, wandb_logging
 
 
 @dataclass
@@ -44,6 +52,9 @@ class TrainState:
     total_steps: int
     micro_batch_size: int
     compiled: bool = False
+    ema: Optional[EMAHelper] = None
+    passes_done: int = 0  # loader position (PuzzleDataset.set_resume_position): train passes completed,
+    batches_done: int = 0  # and batches of the next pass consumed
     extra: dict = field(default_factory=dict)
 
 
@@ -92,7 +103,10 @@ def create_optimizers(config: PretrainConfig, model: torch.nn.Module, world_size
     return [sparse(), dense()], [config.puzzle_emb_lr, config.lr]
 
 
-def create_train_state(config: PretrainConfig, train_metadata, dist_info: distributed.DistInfo) -> TrainState:
+def create_train_state(config: PretrainConfig, train_metadata, dist_info: distributed.DistInfo,
+                       resuming: bool = False) -> TrainState:
+    """Model, optimizers and EMA at step 0: initialised, or from load_checkpoint unless a training state will
+    overwrite them (`resuming`)."""
     local_batch = check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
     micro_batch_size = config.micro_batch_size or local_batch
     total_steps = int(config.epochs * train_metadata.total_groups * train_metadata.mean_puzzle_examples
@@ -102,7 +116,7 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
     if dist_info.is_main:
         num_params = sum(p.numel() for p in model.parameters())
         print(f"Model: {config.arch.name}, {num_params:,} parameters (puzzle table excluded), device {dist_info.device}")
-        if config.load_checkpoint:
+        if config.load_checkpoint and not resuming:
             path = resolve_checkpoint(config.load_checkpoint)
             print(f"Loading checkpoint {path}")
             load_model_state(model, read_state_dict(path), resize_puzzle_table=True, source=path)
@@ -112,9 +126,13 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
     if compiled:
         model = torch.compile(model)
     optimizers, base_lrs = create_optimizers(config, model, dist_info.world_size)
+    ema = None
+    if config.ema:
+        ema = EMAHelper(mu=config.ema_rate)
+        ema.register(model)
     return TrainState(model=model, optimizers=optimizers, base_lrs=base_lrs,
                       carries=[None] * (local_batch // micro_batch_size), step=0, total_steps=total_steps,
-                      micro_batch_size=micro_batch_size, compiled=compiled)
+                      micro_batch_size=micro_batch_size, compiled=compiled, ema=ema)
 
 
 def save_code_and_config(config: PretrainConfig) -> None:
@@ -194,6 +212,7 @@ def setup(hydra_config: DictConfig):
     check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
     check_data_paths(config.data_paths, "data_paths")
     check_data_paths(config.data_paths_test, "data_paths_test")
+    train_state.check_config(config)
     if config.eval_interval is not None and config.epochs % config.eval_interval:
         raise ConfigError(f"epochs={config.epochs} must be a multiple of eval_interval={config.eval_interval}")
 
@@ -211,7 +230,12 @@ def setup(hydra_config: DictConfig):
     elif dist_info.is_main:
         print(f"No test split in {test_paths}: training without evaluation (checkpoints are still written)")
 
-    state = create_train_state(config, train_metadata, dist_info)
+    resume_from = train_state.find_resumable(config, dist_info) if config.resume else None
+    state = create_train_state(config, train_metadata, dist_info, resuming=resume_from is not None)
+    if resume_from is not None:  # before the train loader's first iterator: it sets the loader's position
+        train_state.restore(resume_from, config, dist_info, state, train_loader.dataset)
+    elif not config.resume:
+        train_state.warn_if_overwriting(config, dist_info)
     return config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state
 
 
@@ -223,33 +247,39 @@ def run(hydra_config: DictConfig) -> None:
         distributed.cleanup()
         sys.exit(2)
 
-    ema = None
-    if config.ema:
-        ema = EMAHelper(mu=config.ema_rate)
-        ema.register(state.model)
-
     total_iters = config.epochs // (config.eval_interval or config.epochs)
     bar = None
     if dist_info.is_main:
-        bar = tqdm.tqdm(total=state.total_steps, desc="train", unit="step")
+        bar = tqdm.tqdm(total=state.total_steps, initial=min(state.step, state.total_steps), desc="train", unit="step")
         save_code_and_config(config)
         wandb_logging.init(config, num_params=sum(p.numel() for p in state.model.parameters()))
 
-    for iter_id in range(total_iters):
-        for _set_name, batch, global_batch_size in train_loader:
+    stop = train_state.StopRequest()  # SIGTERM/SIGINT: save at the next step boundary, then exit
+    sets = train_metadata.sets
+    for iter_id in range(state.passes_done // len(sets), total_iters):  # a resumed run continues its iteration
+        for set_name, batch, global_batch_size in train_loader:
+            train_state.note_batch(state, iter_id, sets.index(set_name), len(sets))
             metrics = train_batch(config, state, batch, global_batch_size, dist_info)
             if state.step > state.total_steps:
                 break
-            if ema is not None:
-                ema.update(state.model)
+            if state.ema is not None:
+                state.ema.update(state.model)
             if dist_info.is_main and metrics is not None:
                 wandb_logging.log(metrics, step=state.step)
                 bar.update()
                 bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
 
+            signum = stop.agreed(dist_info)
+            if signum or (config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0):
+                train_state.save(config, dist_info, state)
+            if signum:
+                finish(bar, config)
+                sys.exit(128 + signum)
+        train_state.note_iteration_end(state, iter_id, len(sets))
+
         if iter_id >= (config.min_eval_interval or 0):
             # The evaluated (and saved) model: the EMA weights when ema=True, else the live weights.
-            eval_model = ema.ema_copy(state.model) if ema is not None else state.model
+            eval_model = state.ema.ema_copy(state.model) if state.ema is not None else state.model
             if eval_loader is not None:
                 metrics = evaluate(eval_model, eval_loader, eval_metadata, evaluators, dist_info=dist_info,
                                    step=state.step, save_dir=config.checkpoint_path,
@@ -261,7 +291,13 @@ def run(hydra_config: DictConfig) -> None:
             if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
                 save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"), state.compiled)
             del eval_model
+        train_state.save(config, dist_info, state)
 
+    stop.uninstall()
+    finish(bar, config)
+
+
+def finish(bar, config: PretrainConfig) -> None:
     if bar is not None:
         bar.close()
         print(f"Checkpoints in {config.checkpoint_path}")

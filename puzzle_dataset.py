@@ -3,6 +3,7 @@ dataset folders; train batches depend only on the seed and the pass number, so a
 
 import json
 import os
+import signal
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
@@ -307,16 +308,26 @@ class PuzzleDataset(IterableDataset):
                 "puzzle_identifiers": torch.from_numpy(puzzle_identifiers)}
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # SIGTERM/SIGINT sent to the whole process group (Ctrl-C, torchrun, schedulers) are for the trainer, which
+    # finishes its step and saves; a worker killed by them would abort the trainer first. The worker still exits
+    # with the trainer (it watches its parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def create_dataloader(config: PuzzleDatasetConfig, split: str, num_workers: int = 1,
                       ) -> Tuple[DataLoader, PuzzleDatasetMetadata]:
     """A DataLoader over `PuzzleDataset(config, split)` (batches are already formed) and the merged metadata.
 
     One worker reads ahead up to 8 batches and persists across iterations, keeping the pass counter;
-    num_workers=0 reads in the calling process (same batches)."""
+    num_workers=0 reads in the calling process (same batches). Creating an iterator draws its worker seed from
+    the loader's own generator, not from the global torch RNG (whose stream, e.g. ACT exploration, then does not
+    depend on when loaders start; the batches do not use that seed)."""
     if num_workers not in (0, 1):
         raise ValueError(f"num_workers must be 0 or 1, got {num_workers}: more workers would each yield the same batches")
     dataset = PuzzleDataset(config, split=split)
-    worker_options = dict(prefetch_factor=8, persistent_workers=True) if num_workers else {}
+    worker_options = dict(prefetch_factor=8, persistent_workers=True, worker_init_fn=_ignore_stop_signals) if num_workers else {}
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        **worker_options)
+                        generator=torch.Generator().manual_seed(config.seed), **worker_options)
     return loader, dataset.metadata
