@@ -14,10 +14,11 @@ never stopped, and refuses one written by an incompatible config (exit code 2). 
 finishes its current step, saves a training state and exits with code 128 + the signal number (143 / 130); a
 second signal stops it at once."""
 
+import copy
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional
 
 import coolname
@@ -53,9 +54,9 @@ class TrainState:
     micro_batch_size: int
     compiled: bool = False
     ema: Optional[EMAHelper] = None
+    ema_model: Optional[torch.nn.Module] = None  # evaluation copy holding the EMA weights (made once)
     passes_done: int = 0  # loader position (PuzzleDataset.set_resume_position): train passes completed,
     batches_done: int = 0  # and batches of the next pass consumed
-    extra: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,6 +202,18 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
     return out
 
 
+def evaluation_model(state: TrainState) -> torch.nn.Module:
+    """The evaluated (and saved) model: the EMA weights when ema=True, else the live model. The EMA copy is made
+    once and refreshed in place, so a compiled model is not recompiled at every evaluation."""
+    if state.ema is None:
+        return state.model
+    if state.ema_model is None:
+        state.ema_model = copy.deepcopy(state.model)
+    state.ema_model.load_state_dict(state.model.state_dict())  # buffers too: puzzle table, H_init/L_init
+    state.ema.ema(state.ema_model)
+    return state.ema_model
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Main
 
@@ -278,8 +291,7 @@ def run(hydra_config: DictConfig) -> None:
         train_state.note_iteration_end(state, iter_id, len(sets))
 
         if iter_id >= (config.min_eval_interval or 0):
-            # The evaluated (and saved) model: the EMA weights when ema=True, else the live weights.
-            eval_model = state.ema.ema_copy(state.model) if state.ema is not None else state.model
+            eval_model = evaluation_model(state)
             if eval_loader is not None:
                 metrics = evaluate(eval_model, eval_loader, eval_metadata, evaluators, dist_info=dist_info,
                                    step=state.step, save_dir=config.checkpoint_path,
@@ -290,7 +302,6 @@ def run(hydra_config: DictConfig) -> None:
                     wandb_logging.log(metrics, step=state.step)
             if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
                 save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"), state.compiled)
-            del eval_model
         train_state.save(config, dist_info, state)
 
     stop.uninstall()
