@@ -22,8 +22,13 @@ fi
 if ! "$VPY" -c "import torch" 2>/dev/null; then
     if [ "$(uname -s)" = "Linux" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
         echo "Installing torch (CPU build)"
-        # The +cpu wheel outranks PyPI's CUDA wheel of the same version when the PyTorch CPU index is reachable.
-        "$VPY" -m pip install -q "torch==2.13.0" --extra-index-url https://download.pytorch.org/whl/cpu
+        # The +cpu wheel outranks PyPI's CUDA wheel of the same version when the PyTorch CPU index is reachable;
+        # where it is not (closed networks, local mirrors), pip's own index decides.
+        extra=()
+        if "$VPY" -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
+            extra=(--extra-index-url https://download.pytorch.org/whl/cpu)
+        fi
+        "$VPY" -m pip install -q "torch==2.13.0" "${extra[@]}"
     else
         echo "Installing torch"
         "$VPY" -m pip install -q "torch==2.13.0"
