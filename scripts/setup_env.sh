@@ -28,7 +28,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
         if "$VPY" -c "import urllib.request; urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
             extra=(--extra-index-url https://download.pytorch.org/whl/cpu)
         fi
-        "$VPY" -m pip install -q "torch==2.13.0" "${extra[@]}"
+        "$VPY" -m pip install -q "torch==2.13.0" ${extra[@]+"${extra[@]}"}
     else
         echo "Installing torch"
         "$VPY" -m pip install -q "torch==2.13.0"
