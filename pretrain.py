@@ -255,7 +255,7 @@ def setup(hydra_config: DictConfig):
 def run(hydra_config: DictConfig) -> None:
     try:
         config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state = setup(hydra_config)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ConnectionError) as e:  # ConnectionError: hub
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
         sys.exit(2)
