@@ -7,6 +7,7 @@ rotated/mirrored versions, randomly translated on a 30x30 canvas. Output is byte
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -401,13 +402,18 @@ def _draw_translations(puzzle: Puzzle, rng: LegacyRandom) -> Tuple[np.ndarray, n
 
 def _open_npy(path: str, dtype, shape: Tuple[int, ...]):
     """A file that starts with exactly `np.save`'s header for an array of this dtype and shape, for the caller to
-    append the data to. Its full size is reserved up front: on ext4 that makes the gigabytes of writes several
-    times cheaper than growing the file block by block."""
+    append the data to. Its full size is reserved up front: a full disk fails here rather than midway through,
+    and on ext4 it made writing the gigabytes cheaper than growing the file block by block (1.5-3x here)."""
     f = open(path, "wb")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(f, header)
+    size = f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize
     if hasattr(os, "posix_fallocate"):  # Unix only
-        os.posix_fallocate(f.fileno(), 0, f.tell() + int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        try:
+            os.posix_fallocate(f.fileno(), 0, size)
+        except OSError as e:
+            f.close()
+            raise DatasetBuildError(f"cannot reserve {size / 1e9:.1f} GB for {path}: {e.strerror}") from None
     return f
 
 
@@ -433,9 +439,17 @@ def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, nu
     max_rows = max(len(p.transforms) * len(p.examples[split]) for p in groups)
     buffers = [np.empty((2, max_rows, SEQ_LEN), dtype=np.uint8) for _ in range(2)]
     scratch = np.zeros((max(len(p.transforms) for p in groups), 2 * SEQ_LEN), dtype=np.uint8)
-    paths = [os.path.join(split_dir, f"all__{field}.npy") for field in ("inputs", "labels")]
-    files = [_open_npy(path, np.uint8, (n_rows, SEQ_LEN)) for path in paths]
-    with files[0], files[1], ThreadPoolExecutor(max_workers=1) as writer:
+
+    def write_rows(rendered: np.ndarray) -> None:
+        for f, rows in zip(files, rendered):
+            f.write(rows)
+
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(_open_npy(os.path.join(split_dir, f"all__{field}.npy"), np.uint8, (n_rows, SEQ_LEN)))
+            for field in ("inputs", "labels")
+        ]
+        writer = stack.enter_context(ThreadPoolExecutor(max_workers=1))  # exits first: waits for the last write
         pending = None
         for i, puzzle in enumerate(_progress(groups, f"writing {split}")):
             if rng is not None:
@@ -445,7 +459,7 @@ def write_split(root: str, split: str, groups: List[Puzzle], ids: np.ndarray, nu
             rendered = _render_group(puzzle, split, pad_r, pad_c, buffers[i % 2], scratch)
             if pending is not None:
                 pending.result()  # also frees the other buffer for the next group
-            pending = writer.submit(lambda rows: [f.write(arr) for f, arr in zip(files, rows)], rendered)
+            pending = writer.submit(write_rows, rendered)
         if pending is not None:
             pending.result()
 
