@@ -72,10 +72,12 @@ class LegacyRandom:
         self._words: List[int] = []  # raw words drawn from the generator; those from _pos on are unused
         self._pos = 0
 
-    def _more_words(self) -> None:
-        """Drop the used words and append fresh ones."""
+    def _drop_used_words(self) -> None:
         del self._words[:self._pos]
         self._pos = 0
+
+    def _more_words(self) -> None:
+        """Append fresh words (in place: positions in the buffer stay valid)."""
         self._words.extend(self._bitgen.random_raw(1 << 16).tolist())
 
     def interval(self, high: int) -> int:
@@ -90,6 +92,7 @@ class LegacyRandom:
                 p += 1
                 value = words[p] & mask
         except IndexError:  # ran out of buffered words: start this draw again with more
+            self._drop_used_words()
             self._more_words()
             return self.interval(high)
         self._pos = p + 1
@@ -106,8 +109,8 @@ class LegacyRandom:
         without using them up: dihedral ids, colour maps (10 entries, colour 0 fixed) and, for `skip`, the number
         of words used by trials 0..k."""
         transforms, colour_maps, words_used = [], [], []
-        words, start = self._words, self._pos
-        p = start
+        self._drop_used_words()
+        words, p = self._words, 0
         while len(transforms) < count:
             trial_start = p
             try:
@@ -121,13 +124,13 @@ class LegacyRandom:
                         j = words[p] & mask
                         p += 1
                     perm[i + 1], perm[j + 1] = perm[j + 1], perm[i + 1]
-            except IndexError:  # ran out of buffered words: extend the buffer in place and redo this trial
-                words.extend(self._bitgen.random_raw(1 << 16).tolist())
+            except IndexError:  # ran out of buffered words: redo this trial with more
+                self._more_words()
                 p = trial_start
                 continue
             transforms.append(t)
             colour_maps.append(perm)
-            words_used.append(p - start)
+            words_used.append(p)
         return transforms, colour_maps, words_used
 
     def skip(self, n_words: int) -> None:
