@@ -18,8 +18,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.common import (DatasetBuildError, PuzzleDatasetMetadata, atomic_output_dir, dihedral_transform,
-                            read_source_csv, run_cli, save_split, source_csv_path, write_json)
+from dataset.common import (DatasetBuildError, atomic_output_dir, dihedral_transform, read_source_csv, run_cli,
+                            save_single_example_split, source_csv_path, write_json)
 
 CHARSET = "# SGo"
 CHAR_TO_TOKEN = np.zeros(256, dtype=np.uint8)
@@ -54,28 +54,9 @@ def read_split(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def write_split(root: str, split: str, inputs: np.ndarray, labels: np.ndarray, group_size: int) -> None:
-    """Save one split: one example per puzzle, groups of `group_size` consecutive puzzles, all identifiers 0."""
-    num_puzzles = len(inputs)
-    num_groups = num_puzzles // group_size
-    metadata = PuzzleDatasetMetadata(
-        pad_id=0,
-        ignore_label_id=0,
-        blank_identifier_id=0,
-        vocab_size=len(CHARSET) + 1,  # PAD + charset
-        seq_len=inputs.shape[1] * inputs.shape[2],
-        num_puzzle_identifiers=1,
-        total_groups=num_groups,
-        mean_puzzle_examples=1,
-        total_puzzles=num_groups,  # the reference's value (groups, not puzzles): REFERENCE.md section 11, item 11
-        sets=["all"],
-    )
-    save_split(root, split, metadata, {"all": {
-        "inputs": inputs.reshape(num_puzzles, -1),
-        "labels": labels.reshape(num_puzzles, -1),
-        "puzzle_identifiers": np.zeros(num_puzzles, dtype=np.int32),
-        "puzzle_indices": np.arange(num_puzzles + 1, dtype=np.int32),
-        "group_indices": np.arange(0, num_puzzles + 1, group_size, dtype=np.int32),
-    }})
+    """Save one split of [N, side, side] token grids."""
+    save_single_example_split(root, split, inputs.reshape(len(inputs), -1), labels.reshape(len(labels), -1),
+                              vocab_size=len(CHARSET) + 1, group_size=group_size)  # PAD + charset
 
 
 def dihedral_versions(grids: np.ndarray) -> np.ndarray:

@@ -20,8 +20,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.common import (DatasetBuildError, PuzzleDatasetMetadata, atomic_output_dir, read_source_csv,
-                            run_cli, save_split, source_csv_path, write_json)
+from dataset.common import (DatasetBuildError, atomic_output_dir, read_source_csv, run_cli,
+                            save_single_example_split, source_csv_path, write_json)
 
 QUESTION_RE = re.compile(r"[.0-9]{81}")  # '.' or '0' = blank
 ANSWER_RE = re.compile(r"[1-9]{81}")
@@ -110,28 +110,10 @@ def augment(questions: np.ndarray, answers: np.ndarray, num_aug: int, rng: np.ra
 
 
 def write_split(root: str, split: str, inputs: np.ndarray, labels: np.ndarray, group_size: int) -> None:
-    """Save one split: one example per puzzle, groups of `group_size` consecutive puzzles, all identifiers 0."""
-    num_puzzles = len(inputs)
-    num_groups = num_puzzles // group_size
-    metadata = PuzzleDatasetMetadata(
-        pad_id=0,
-        ignore_label_id=0,
-        blank_identifier_id=0,
-        vocab_size=10 + 1,  # PAD + blank + digits 1..9
-        seq_len=81,
-        num_puzzle_identifiers=1,
-        total_groups=num_groups,
-        mean_puzzle_examples=1,
-        total_puzzles=num_groups,  # the reference's value (groups, not puzzles): REFERENCE.md section 11, item 11
-        sets=["all"],
-    )
-    save_split(root, split, metadata, {"all": {
-        "inputs": inputs + np.uint8(1),  # token = digit + 1, so blank = 1 and 0 stays free for PAD
-        "labels": labels + np.uint8(1),
-        "puzzle_identifiers": np.zeros(num_puzzles, dtype=np.int32),
-        "puzzle_indices": np.arange(num_puzzles + 1, dtype=np.int32),
-        "group_indices": np.arange(0, num_puzzles + 1, group_size, dtype=np.int32),
-    }})
+    """Save one split of [N, 81] digit boards (0 = blank)."""
+    # token = digit + 1, so blank = 1 and 0 stays free for PAD; vocabulary PAD + blank + digits 1..9.
+    save_single_example_split(root, split, inputs + np.uint8(1), labels + np.uint8(1), vocab_size=10 + 1,
+                              group_size=group_size)
 
 
 def main(args: argparse.Namespace) -> None:

@@ -207,3 +207,23 @@ def generate_in_chunks(make_chunk: Callable[[np.random.Generator, int], list], c
         if pool:
             pool.terminate()
     return items
+
+
+def save_single_example_split(root: str, split: str, inputs: np.ndarray, labels: np.ndarray, vocab_size: int,
+                              group_size: int) -> None:
+    """Sudoku/Maze layout: one example per puzzle, groups of `group_size` consecutive puzzles, all identifiers 0
+    (`identifiers.json` is `["<blank>"]`). `inputs`/`labels` are token arrays [N, seq_len]."""
+    num_puzzles, seq_len = inputs.shape
+    num_groups = num_puzzles // group_size
+    metadata = PuzzleDatasetMetadata(
+        pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vocab_size, seq_len=seq_len,
+        num_puzzle_identifiers=1, total_groups=num_groups, mean_puzzle_examples=1,
+        total_puzzles=num_groups,  # the reference's value (groups, not puzzles): REFERENCE.md section 11, item 11
+        sets=["all"])
+    save_split(root, split, metadata, {"all": {
+        "inputs": inputs,
+        "labels": labels,
+        "puzzle_identifiers": np.zeros(num_puzzles, dtype=np.int32),
+        "puzzle_indices": np.arange(num_puzzles + 1, dtype=np.int32),
+        "group_indices": np.arange(0, num_puzzles + 1, group_size, dtype=np.int32),
+    }})
