@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BLANKS=${QUICKSTART_BLANKS:-30}     # blank cells per puzzle, train and test
-NUM_TRAIN=${QUICKSTART_TRAIN:-20000}
+BLANKS=${QUICKSTART_BLANKS:-50}     # blank cells per puzzle, train and test
+NUM_TRAIN=${QUICKSTART_TRAIN:-2500}
 NUM_TEST=${QUICKSTART_TEST:-1000}
 SEED=0
 SRC=data/quickstart-sudoku-src-b${BLANKS}
@@ -37,9 +37,9 @@ if [ -z "$checkpoint" ]; then
     checkpoint=$(ls -1 "$RUN_DIR"/step_* | grep -v _all_preds | sort -t_ -k2 -n | tail -n 1)
 fi
 
-echo "== Evaluating $checkpoint on $NUM_TEST held-out puzzles"
+echo "== Evaluating $checkpoint on $NUM_TEST held-out puzzles (16 ACT steps)"
 $PY scripts/run_eval_only.py --config config/cfg_quickstart.yaml --checkpoint "$checkpoint" --dataset "$DATA" \
-    --outdir "$RUN_DIR/eval" --global-batch-size 500 | grep -v "^Run metrics"
+    --outdir "$RUN_DIR/eval" --global-batch-size 500 arch.halt_max_steps=16 | grep -v "^Run metrics"
 $PY - "$RUN_DIR/eval/eval_report.json" "$BLANKS" "$checkpoint" <<'PYEOF'
 import json, sys
 report = json.load(open(sys.argv[1]))
