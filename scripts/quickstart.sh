@@ -5,11 +5,12 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-BLANKS=${QUICKSTART_BLANKS:-50}     # blank cells per puzzle, train and test
-NUM_TRAIN=${QUICKSTART_TRAIN:-2500}
+BLANKS=${QUICKSTART_BLANKS:-45}     # blank cells per puzzle, train and test
+NUM_TRAIN=${QUICKSTART_TRAIN:-2500}  # generated train puzzles (epochs in config/cfg_quickstart.yaml count these)
+NUM_AUG=${QUICKSTART_AUG:-19}        # shuffled copies per train puzzle (digits relabelled, rows/columns permuted)
 NUM_TEST=${QUICKSTART_TEST:-1000}
 SEED=0
-SRC=data/quickstart-sudoku-src-b${BLANKS}
+SRC=data/quickstart-sudoku-src-b${BLANKS}-n${NUM_TRAIN}-t${NUM_TEST}
 DATA=data/quickstart-sudoku
 RUN_DIR=checkpoints/quickstart
 
@@ -22,11 +23,11 @@ if [ ! -f "$SRC/test.csv" ]; then
     $PY -m dataset.generate_sudoku --output-dir "$SRC" --num-train "$NUM_TRAIN" --num-test "$NUM_TEST" \
         --min-blanks "$BLANKS" --max-blanks "$BLANKS" --seed "$SEED"
 fi
-if [ ! -f "$DATA/test/dataset.json" ] || [ "$(cat "$DATA/.source" 2>/dev/null)" != "$SRC" ]; then
+if [ ! -f "$DATA/test/dataset.json" ] || [ "$(cat "$DATA/.source" 2>/dev/null)" != "$SRC aug $NUM_AUG" ]; then
     echo "== Building the dataset $DATA"
     rm -rf "$DATA"
-    $PY dataset/build_sudoku_dataset.py --source-dir "$SRC" --output-dir "$DATA" --seed "$SEED"
-    echo "$SRC" > "$DATA/.source"
+    $PY dataset/build_sudoku_dataset.py --source-dir "$SRC" --output-dir "$DATA" --num-aug "$NUM_AUG" --seed "$SEED"
+    echo "$SRC aug $NUM_AUG" > "$DATA/.source"
     rm -rf "$RUN_DIR"  # a checkpoint trained on other data is stale
 fi
 
