@@ -11,9 +11,7 @@ import pydantic
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dataset.common import PuzzleDatasetMetadata
-
-IGNORE_LABEL_ID = -100  # label value the loss skips (REFERENCE.md notation IGN)
+from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
 
 # inputs/labels can be gigabytes (ARC train: 3.3 GB each), so they stay on disk; the index arrays are small.
 _MMAP_MODES = {"inputs": "r", "labels": "r", "puzzle_identifiers": None, "puzzle_indices": None, "group_indices": None}

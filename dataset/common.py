@@ -15,6 +15,9 @@ import pydantic
 from tqdm import tqdm
 
 
+IGNORE_LABEL_ID = -100  # label value the loss skips: the loader maps `ignore_label_id` to it (REFERENCE.md: IGN)
+
+
 class PuzzleDatasetMetadata(pydantic.BaseModel):
     """`<split>/dataset.json`. Field order is the file's key order (REFERENCE.md section 1.2)."""
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_LABEL_ID = -100
+from dataset.common import IGNORE_LABEL_ID  # re-exported: the loss head's ignore label
 
 
 def _stablemax_s(x: torch.Tensor, epsilon: float = 1e-30) -> torch.Tensor:
