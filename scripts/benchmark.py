@@ -1,11 +1,15 @@
-"""Training throughput of the real code path (pretrain.py's model, optimizers and train step) on this machine.
+"""Speed and memory of the real code paths (pretrain.py's model, optimizers and train step; utils/evaluation.py's
+evaluation loop) on this machine, for one config and batch.
 
-    python scripts/benchmark.py --steps 50 arch=trm arch.L_cycles=6 global_batch_size=768
-    python scripts/benchmark.py --dataset data/maze-30x30-hard-1k --no-compile
+    python scripts/benchmark.py --steps 30 --warmup 8 global_batch_size=768
+    python scripts/benchmark.py --seq-len 900 --vocab-size 6 global_batch_size=192 arch.L_cycles=4
+    python scripts/benchmark.py --dataset data/maze-30x30-hard-1k --no-compile --eval-batches 0
 
-Prints one JSON line: device, torch version, steps/s, examples/s, compile+warm-up time and peak GPU memory.
-Batches come from `--dataset` (its train split, through the project's loader) or are synthetic Sudoku-shaped
-ones (`--seq-len`, `--vocab-size`). Results go into docs/performance.md with the date and command."""
+Prints one JSON object (and writes it to `--json-out`): train ms/step, examples/s, peak training memory,
+compile/warm-up time, evaluation puzzles/s through the full ACT loop and its peak memory, and achieved TFLOP/s
+from the FLOP count derived in docs/performance.md (`model_flops` below). Batches come from `--dataset` (its
+train split, through the project's loader) or are synthetic ones of the task's shape (`--seq-len`,
+`--vocab-size`); the cost of a step does not depend on the token values."""
 
 import argparse
 import itertools
@@ -21,8 +25,11 @@ import torch  # noqa: E402
 
 import pretrain  # noqa: E402
 from dataset.common import PuzzleDatasetMetadata  # noqa: E402
+from models.layers import swiglu_intermediate_size  # noqa: E402
 from utils import distributed  # noqa: E402
+from utils.checkpoint import unwrap  # noqa: E402
 from utils.config import compose_config  # noqa: E402
+from utils.evaluation import evaluate  # noqa: E402
 
 
 def synthetic_batches(metadata: PuzzleDatasetMetadata, batch_size: int, seed: int):
@@ -34,23 +41,67 @@ def synthetic_batches(metadata: PuzzleDatasetMetadata, batch_size: int, seed: in
         yield "all", {"inputs": inputs, "labels": labels, "puzzle_identifiers": ids}, batch_size
 
 
-def main() -> None:
+def model_flops(cfg) -> dict:
+    """Matrix-product FLOPs (2 per multiply-add) per example, from a TRMConfig (docs/performance.md derives them).
+
+    One pass of the shared network over S = L + P positions, per layer: attention 2·S·(3D·D + D·D) for the qkv and
+    output projections plus 4·S²·D for QKᵀ and AV (or, MLP-T, 6·D·S·I_t for the SwiGLU over positions); then the
+    channel SwiGLU 6·S·D·I. An ACT step runs the network H_cycles·(L_cycles + 1) times and lm_head (2·S·D·V)
+    once. Training runs every cycle forward and the last cycle (and the head) backward at twice its forward."""
+    S, D = cfg.seq_len + cfg.prefix_len, cfg.hidden_size
+    inter = swiglu_intermediate_size(D, cfg.expansion)
+    if cfg.mlp_t:
+        mixer = 6 * D * S * swiglu_intermediate_size(S, cfg.expansion)
+    else:
+        mixer = 2 * S * 4 * D * D + 4 * S * S * D
+    network = cfg.L_layers * (mixer + 6 * S * D * inter)  # one call of the shared network
+    head = 2 * S * D * cfg.vocab_size + 2 * D * 2
+    act_step_forward = cfg.H_cycles * (cfg.L_cycles + 1) * network + head
+    grad_cycle_forward = (cfg.L_cycles + 1) * network + head
+    return {"act_step_forward": act_step_forward, "train_step": act_step_forward + 2 * grad_cycle_forward}
+
+
+def peak_mem_gib(device: torch.device):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml"))
     p.add_argument("--dataset", default=None, help="dataset folder (default: synthetic batches)")
     p.add_argument("--seq-len", type=int, default=81)
     p.add_argument("--vocab-size", type=int, default=11)
-    p.add_argument("--steps", type=int, default=50, help="timed steps")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation happens here)")
-    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--steps", type=int, default=50, help="timed train steps")
+    p.add_argument("--warmup", type=int, default=10, help="untimed train steps first (compilation happens here)")
+    p.add_argument("--eval-batches", type=int, default=3,
+                   help="timed evaluation batches (each all halt_max_steps ACT steps, or fewer with --early-exit); "
+                        "0 skips the evaluation")
+    p.add_argument("--eval-batch-size", type=int, default=None, help="default: global_batch_size")
+    p.add_argument("--early-exit", action="store_true", help="evaluate with eval_early_exit on")
+    p.add_argument("--no-compile", action="store_true", help="compile=False (training and evaluation)")
+    p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch.mlp_t=True global_batch_size=768")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.eval_batches < 0:
+        p.error("--steps must be >= 1, --warmup and --eval-batches >= 0")
 
     data_path = args.dataset or "synthetic"
     overrides = list(args.overrides) + [f"data_paths=[{data_path}]", "evaluators=[]", "+project_name=benchmark",
                                         "+run_name=benchmark", f"compile={not args.no_compile}"]
     config = compose_config(args.config, overrides)
     dist_info = distributed.setup_distributed(config.device)
+    device = dist_info.device
     torch.manual_seed(config.seed)
 
     if args.dataset:
@@ -63,29 +114,74 @@ def main() -> None:
         batches = synthetic_batches(metadata, config.global_batch_size, config.seed)
     state = pretrain.create_train_state(config, metadata, dist_info)
     state.total_steps = 10**9  # the schedule position does not change the cost of a step
+    model_cfg = unwrap(state.model).model.config
+    flops = model_flops(model_cfg)
 
-    def run(n: int) -> float:
+    def train(n: int) -> float:
+        sync(device)
         start = time.perf_counter()
         for _set, batch, global_batch_size in itertools.islice(batches, n):
             pretrain.train_batch(config, state, batch, global_batch_size, dist_info)
-        if dist_info.device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - start
 
-    warmup_s = run(args.warmup)
-    timed_s = run(args.steps)
+    reset_peak(device)
+    warmup_s = train(args.warmup)
+    timed_s = train(args.steps)
+    step_s = timed_s / args.steps
     result = {
-        "device": torch.cuda.get_device_name() if dist_info.device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "torch": torch.__version__, "compiled": state.compiled, "world_size": dist_info.world_size,
         "global_batch_size": config.global_batch_size, "micro_batch_size": state.micro_batch_size,
-        "seq_len": metadata.seq_len, "arch": {k: v for k, v in (config.arch.model_extra or {}).items()},
-        "warmup_s": round(warmup_s, 2), "steps": args.steps, "steps_per_s": round(args.steps / timed_s, 3),
-        "examples_per_s": round(args.steps * config.global_batch_size / timed_s, 1),
-        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+        "seq_len": metadata.seq_len, "vocab_size": metadata.vocab_size,
+        "arch": {k: v for k, v in (config.arch.model_extra or {}).items()},
+        "warmup_steps": args.warmup, "warmup_s": round(warmup_s, 2), "steps": args.steps,
+        "train_ms_per_step": round(1000 * step_s, 2), "steps_per_s": round(1 / step_s, 3),
+        "examples_per_s": round(config.global_batch_size / step_s, 1),
+        "train_peak_gpu_mem_gib": peak_mem_gib(device),
+        "train_flop_per_step": flops["train_step"] * config.global_batch_size,
+        "train_tflops_per_s": round(flops["train_step"] * config.global_batch_size / step_s / 1e12, 4),
     }
+
+    if args.eval_batches:
+        # The real evaluation: the model pretrain.py would evaluate (the EMA copy when ema=True), the shared loop
+        # with every ACT step; the first batch is timed apart since it compiles the eval-mode graph.
+        eval_bs = args.eval_batch_size or config.global_batch_size
+        eval_model = pretrain.evaluation_model(state)
+        eval_metadata = metadata.model_copy(update={"sets": ["all"]})
+
+        def eval_pass(n: int) -> float:
+            loader = itertools.islice(synthetic_batches(metadata, eval_bs, config.seed + 1), n)
+            sync(device)
+            start = time.perf_counter()
+            evaluate(eval_model, loader, eval_metadata, [], dist_info=dist_info, step=0, save_dir=None,
+                     early_exit=args.early_exit)
+            sync(device)
+            return time.perf_counter() - start
+
+        eval_warmup_s = eval_pass(1)
+        reset_peak(device)
+        eval_s = eval_pass(args.eval_batches)
+        puzzles = eval_bs * args.eval_batches * dist_info.world_size
+        act_steps = model_cfg.halt_max_steps  # the upper bound; with --early-exit fewer may run
+        result.update({
+            "eval_batch_size": eval_bs, "eval_batches": args.eval_batches, "eval_early_exit": args.early_exit,
+            "eval_warmup_s": round(eval_warmup_s, 2), "eval_puzzles_per_s": round(puzzles / eval_s, 1),
+            "eval_peak_gpu_mem_gib": peak_mem_gib(device),
+            "eval_tflops_per_s": None if args.early_exit else
+            round(flops["act_step_forward"] * act_steps * puzzles / eval_s / 1e12, 4),
+        })
+
     if dist_info.is_main:
-        print(json.dumps(result))
+        text = json.dumps(result)
+        print(text)
+        if args.json_out:
+            tmp = args.json_out + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, args.json_out)
     distributed.cleanup()
+    return result
 
 
 if __name__ == "__main__":
