@@ -22,7 +22,9 @@ from models.sparse_embedding import CastedSparseEmbedding
 Batch = Dict[str, torch.Tensor]  # inputs [B, L], labels [B, L], puzzle_identifiers [B]
 
 
-class TRMConfig(BaseModel):
+class ACTModelConfig(BaseModel):
+    """Fields every architecture of this family shares (TRM and the variants built on its parts)."""
+
     # Unknown keys (e.g. the `causal` that pretrain injects) are ignored, as the reference does.
     batch_size: int  # per-rank batch; sizes the sparse puzzle-embedding buffer
     seq_len: int
@@ -31,9 +33,7 @@ class TRMConfig(BaseModel):
     vocab_size: int
 
     H_cycles: int
-    L_cycles: int
-    H_layers: int  # unused: TRM has a single network; kept so the published configs validate
-    L_layers: int
+    H_layers: int
 
     hidden_size: int
     expansion: float
@@ -47,9 +47,6 @@ class TRMConfig(BaseModel):
     halt_exploration_prob: float
 
     forward_dtype: str = "bfloat16"
-    mlp_t: bool = False  # mix tokens with a SwiGLU over the sequence axis instead of attention
-    puzzle_emb_len: int = 16  # positions reserved for the puzzle embedding; 0 -> ceil(ndim / hidden)
-    no_ACT_continue: bool = True  # halt on q_halt > 0 alone (no q_continue target)
 
     @field_validator("forward_dtype")
     @classmethod
@@ -58,6 +55,25 @@ class TRMConfig(BaseModel):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"forward_dtype must name a torch floating dtype (bfloat16, float32), got {v!r}")
         return v
+
+    @property
+    def prefix_len(self) -> int:
+        """P: sequence positions taken by the puzzle embedding in front of the tokens (as few as fit it)."""
+        return -(self.puzzle_emb_ndim // -self.hidden_size)  # ceil division
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.forward_dtype)
+
+
+class TRMConfig(ACTModelConfig):
+    H_layers: int  # unused: TRM has a single network; kept so the published configs validate
+    L_cycles: int
+    L_layers: int
+
+    mlp_t: bool = False  # mix tokens with a SwiGLU over the sequence axis instead of attention
+    puzzle_emb_len: int = 16  # positions reserved for the puzzle embedding; 0 -> ceil(ndim / hidden)
+    no_ACT_continue: bool = True  # halt on q_halt > 0 alone (no q_continue target)
 
     @model_validator(mode="after")
     def _consistent_prefix(self):
@@ -71,14 +87,9 @@ class TRMConfig(BaseModel):
 
     @property
     def prefix_len(self) -> int:
-        """P: sequence positions taken by the puzzle embedding in front of the tokens."""
         if self.puzzle_emb_len == 0:
-            return -(self.puzzle_emb_ndim // -self.hidden_size)  # ceil division
+            return super().prefix_len
         return self.puzzle_emb_len
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return getattr(torch, self.forward_dtype)
 
 
 @dataclass
@@ -98,7 +109,7 @@ class TRMCarry:
 class TRMBlock(nn.Module):
     """Post-norm block: token mixing (attention or MLP over positions), then a channel SwiGLU."""
 
-    def __init__(self, config: TRMConfig):
+    def __init__(self, config: ACTModelConfig):
         super().__init__()
         self.use_mlp_t = config.mlp_t
         self.norm_eps = config.rms_norm_eps
@@ -138,8 +149,10 @@ class ReasoningModule(nn.Module):
 class TRMInner(nn.Module):
     """One ACT step: embed the puzzle, recurse H_cycles times, read out logits and Q-values.
 
-    Variants with another recursion (single z, several z_L) override `empty_carry`, `reset_carry`, `h_cycle`
-    and `answer_state`; embedding, heads and the ACT wrapper stay shared.
+    Variants override only what differs: `build_levels` / `register_start_states` (their networks and start
+    states, built at the same point of the RNG draw order), `empty_carry` / `reset_carry` (their carry),
+    `recurse` or `h_cycle` (the recursion) and `answer_state` (what the heads read). Embedding, heads and the
+    ACT wrapper stay shared.
     """
 
     def __init__(self, config: TRMConfig):
@@ -165,16 +178,25 @@ class TRMInner(nn.Module):
         elif config.pos_encodings == "learned":
             self.embed_pos = CastedEmbedding(config.seq_len + P, D, init_std=embed_init_std, cast_to=config.dtype)
 
-        self.L_level = ReasoningModule([TRMBlock(config) for _ in range(config.L_layers)])
-
-        # Start states of every new puzzle: fixed random vectors, saved but never trained.
-        self.register_buffer("H_init", trunc_normal_init_(torch.empty(D, dtype=config.dtype), std=1))
-        self.register_buffer("L_init", trunc_normal_init_(torch.empty(D, dtype=config.dtype), std=1))
+        self.build_levels(config)
+        self.register_start_states(config)
 
         # Q-head starts near "never halt" (sigmoid(-5) ≈ 0.007) so halting is learned from a neutral start.
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5)
+
+    def build_levels(self, config: TRMConfig) -> None:
+        self.L_level = ReasoningModule([TRMBlock(config) for _ in range(config.L_layers)])
+
+    def register_start_state(self, name: str) -> None:
+        """A start state of every new puzzle: a fixed random vector, saved but never trained."""
+        D = self.config.hidden_size
+        self.register_buffer(name, trunc_normal_init_(torch.empty(D, dtype=self.config.dtype), std=1))
+
+    def register_start_states(self, config: TRMConfig) -> None:
+        self.register_start_state("H_init")
+        self.register_start_state("L_init")
 
     # --- carry -------------------------------------------------------------------------------------------
     def empty_carry(self, batch_size: int, device=None) -> InnerCarry:
@@ -212,6 +234,14 @@ class TRMInner(nn.Module):
         z_H = self.L_level(z_H, z_L, cos_sin)
         return InnerCarry(z_H=z_H, z_L=z_L)
 
+    def recurse(self, carry: InnerCarry, x: torch.Tensor, cos_sin: Optional[CosSin]) -> InnerCarry:
+        # Deep supervision without backprop through time: the first H_cycles-1 cycles only move the state
+        # closer to a fixed point; the gradient flows through the last cycle alone.
+        with torch.no_grad():
+            for _ in range(self.config.H_cycles - 1):
+                carry = self.h_cycle(carry, x, cos_sin)
+        return self.h_cycle(carry, x, cos_sin)
+
     def answer_state(self, carry: InnerCarry) -> torch.Tensor:
         return carry.z_H
 
@@ -219,12 +249,7 @@ class TRMInner(nn.Module):
         cos_sin = self.rotary_emb() if self.config.pos_encodings == "rope" else None
         x = self.input_embeddings(batch["inputs"], batch["puzzle_identifiers"])  # [B, L+P, D]
 
-        # Deep supervision without backprop through time: the first H_cycles-1 cycles only move the state
-        # closer to a fixed point; the gradient flows through the last cycle alone.
-        with torch.no_grad():
-            for _ in range(self.config.H_cycles - 1):
-                carry = self.h_cycle(carry, x, cos_sin)
-        carry = self.h_cycle(carry, x, cos_sin)
+        carry = self.recurse(carry, x, cos_sin)
 
         z = self.answer_state(carry)  # [B, L+P, D]
         logits = self.lm_head(z)[:, self.puzzle_emb_len:]  # [B, L, V]
@@ -260,9 +285,26 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
             current_data={k: torch.zeros_like(v) for k, v in batch.items()},
         )
 
-    def forward(self, carry: TRMCarry, batch: Batch, generator: Optional[torch.Generator] = None) -> Tuple[TRMCarry, Dict[str, torch.Tensor]]:
+    # --- halting rule (variants override) -----------------------------------------------------------------
+    def act_in_training(self) -> bool:
+        """Whether the Q-head (and exploration) may halt rows before halt_max_steps in training."""
+        return True
+
+    def q_says_halt(self, q_halt_logits: torch.Tensor, q_continue_logits: torch.Tensor) -> torch.Tensor:
+        """[B] bool: rows the Q-head sends to halt."""
+        if self.config.no_ACT_continue:
+            return q_halt_logits > 0
+        return q_halt_logits > q_continue_logits
+
+    def trains_continue_head(self, compute_target_q: bool) -> bool:
+        """Whether a training step runs the extra inner pass for the q_continue target."""
+        return not self.config.no_ACT_continue
+
+    def forward(self, carry: TRMCarry, batch: Batch, generator: Optional[torch.Generator] = None,
+                compute_target_q: bool = False) -> Tuple[TRMCarry, Dict[str, torch.Tensor]]:
         """One ACT step for every row. `generator` (on the carry's device) drives the exploration draws in
-        training; None uses the device's default generator, as the reference does."""
+        training; None uses the device's default generator, as the reference does. `compute_target_q` is the
+        transformer baseline's opt-in to the continue target; TRM decides from `no_ACT_continue`."""
         cfg = self.config
         # Halted rows start a new puzzle: fresh state, zero steps, their row of `batch`. Other rows keep
         # their state and their old puzzle (their row of `batch` is not used this step).
@@ -282,12 +324,9 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
 
             # Evaluation runs halt_max_steps steps, so all rows of a batch halt together.
             if not self.training and self.eval_early_exit:
-                halted = halted | (q_halt_logits > 0).all()
-            if self.training and cfg.halt_max_steps > 1:
-                if cfg.no_ACT_continue:
-                    halted = halted | (q_halt_logits > 0)
-                else:
-                    halted = halted | (q_halt_logits > q_continue_logits)
+                halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits).all()
+            if self.training and cfg.halt_max_steps > 1 and self.act_in_training():
+                halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits)
 
                 # Exploration: with probability p a row must run at least m ~ U{2..halt_max_steps} steps.
                 # Both draws happen for every row at every training step (same RNG stream as the reference).
@@ -297,7 +336,7 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
                                                          device=steps.device, generator=generator)
                 halted = halted & (steps >= min_halt_steps)
 
-                if not cfg.no_ACT_continue:
+                if self.trains_continue_head(compute_target_q):
                     # Q-learning target for q_continue from one more step on the new state (no replay buffer or
                     # target network: the large batch plays many parallel environments, as in PQN).
                     # The reference unpacks this call into 5 values and crashes (REFERENCE §11.5); fixed here.

@@ -1,0 +1,215 @@
+"""Parity of the four other architectures (single z, multi-scale z, HRM, transformer baseline) with the
+reference: golden traces replayed through the loss head in evaluation (4 ACT steps) and training (2 steps with
+gradients), and the checkpoint layout pinned key by key (tests/fixtures/variants, tolerances in
+tests/fixtures/README.md)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from models.common import strip_wrapper_prefixes
+from models.losses import ACTLossHead
+from utils.functions import load_model_class
+
+from test_golden_fixtures import EXACT_METRICS, OUTPUT_KEYS, _CompiledLike, assert_metrics, assert_rel_close
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "variants")
+with open(os.path.join(FIXTURES, "variants.json")) as f:
+    SPECS = json.load(f)
+NAMES = sorted(SPECS)
+
+
+def build(spec):
+    return ACTLossHead(load_model_class(spec["name"])(spec["arch"]), loss_type=spec["loss_type"])
+
+
+def load(name):
+    spec = SPECS[name]
+    state = torch.load(os.path.join(FIXTURES, f"{name}.step_0"), weights_only=True, map_location="cpu")
+    trace = torch.load(os.path.join(FIXTURES, f"{name}.trace.pt"), weights_only=True, map_location="cpu")
+    return spec, state, trace
+
+
+def load_model(name):
+    spec, state, trace = load(name)
+    assert all(k.startswith("_orig_mod.model.inner.") for k in state)  # saved from a compiled model
+    model = build(spec)
+    model.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
+    return model, trace
+
+
+def test_all_four_variants_have_fixtures():
+    assert NAMES == ["hrm_small", "transformers_baseline_small", "trm_hier6_small", "trm_singlez_small"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_layout_equals_reference(name):
+    spec = SPECS[name]
+    got = [(k, list(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in build(spec).state_dict().items()]
+    want = [(k, shape, dtype) for k, (shape, dtype) in spec["state_dict"].items()]
+    assert got == want  # keys, order, shapes, dtypes
+    _, state, _ = load(name)
+    assert [strip_wrapper_prefixes(k) for k in state] == [k for k, _, _ in want]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_eval_steps_match_reference(name):
+    model, trace = load_model(name)
+    batch = trace["batch"]
+    model.eval()
+    with torch.inference_mode():
+        carry = model.initial_carry(batch)
+        for i, ref in enumerate(trace["eval_steps"]):
+            carry, loss, metrics, outputs, all_halted = model(return_keys=OUTPUT_KEYS, carry=carry, batch=batch)
+            what = f"{name} eval step {i}"
+            assert_rel_close(outputs["logits"], ref["logits"], 1e-5, what + " logits")
+            assert torch.equal(outputs["preds"], ref["preds"]), what + " preds"
+            assert_rel_close(outputs["q_halt_logits"], ref["q_halt_logits"], 1e-5, what + " q_halt")
+            assert_rel_close(outputs["q_continue_logits"], ref["q_continue_logits"], 1e-5, what + " q_continue")
+            assert_rel_close(loss, ref["loss"], 1e-4, what + " loss")
+            assert_metrics(metrics, ref, what)
+            assert bool(all_halted) == (i == len(trace["eval_steps"]) - 1)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_steps_match_reference(name):
+    model, trace = load_model(name)
+    batch_size = trace["batch"]["inputs"].shape[0]
+    local_weights = model.model.inner.puzzle_emb.local_weights
+    params = dict(model.named_parameters())
+    model.train()
+    carry = model.initial_carry(trace["batch"])
+    for i, ref in enumerate(trace["train_steps"]):
+        model.zero_grad()  # parameters only: the puzzle rows' grad accumulates, as when the trace was made
+        carry, loss, metrics, _, _ = model(return_keys=[], carry=carry, batch=trace["batch"])
+        (loss / batch_size).backward()
+
+        what = f"{name} train step {i}"
+        assert torch.equal(carry.halted, ref["halted"]), what + " halted"
+        assert torch.equal(carry.steps, ref["steps"]), what + " steps"
+        assert_rel_close(loss.detach(), ref["loss"], 1e-4, what + " loss")
+        assert_metrics(metrics, ref, what)  # same key set: q_continue_loss for HRM only
+
+        grad_keys = [k for k in ref if k.startswith("grad/")]
+        assert {k.removeprefix("grad/") for k in grad_keys} == set(params) | {"model.inner.puzzle_emb.local_weights"}
+        for k in grad_keys:
+            pname = k.removeprefix("grad/")
+            grad = local_weights.grad if pname == "model.inner.puzzle_emb.local_weights" else params[pname].grad
+            assert_rel_close(grad, ref[k], 1e-4, f"{what} {k}")
+
+
+def test_only_hrm_trains_the_continue_head():
+    for name in NAMES:
+        _, _, trace = load(name)
+        has = ["metric/q_continue_loss" in ref for ref in trace["train_steps"]]
+        assert has == [name == "hrm_small"] * 2, name
+
+
+def test_traces_continue_from_the_carry():
+    # Rows that did not halt after the first training call carry their state into the second one (in the
+    # baseline's trace some rows halt and restart, which exercises the reset too).
+    for name in NAMES:
+        _, _, trace = load(name)
+        first, second = trace["train_steps"]
+        assert not first["halted"].all(), name
+        assert torch.equal(second["steps"], torch.where(first["halted"], 1, 2).to(torch.int32)), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prefixed_and_stripped_checkpoints_give_identical_outputs(name):
+    spec, state, trace = load(name)
+    stripped = build(spec)
+    stripped.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
+    prefixed = _CompiledLike(build(spec))
+    prefixed.load_state_dict(state, strict=True)  # keys exactly as saved
+
+    batch = trace["batch"]
+    results = []
+    for model in (stripped, prefixed):
+        model.eval()
+        with torch.inference_mode():
+            carry = stripped.initial_carry(batch)
+            carry, loss, _, outputs, _ = model(return_keys=OUTPUT_KEYS, carry=carry, batch=batch)
+        results.append((loss, outputs))
+    (loss_a, out_a), (loss_b, out_b) = results
+    assert torch.equal(loss_a, loss_b)
+    for k in OUTPUT_KEYS:
+        assert torch.equal(out_a[k], out_b[k]), k
+
+
+ARCH_CLASSES = {
+    "trm_singlez": "recursive_reasoning.trm_singlez@TinyRecursiveReasoningModel_ACTV1",
+    "trm_hier6": "recursive_reasoning.trm_hier6@TinyRecursiveReasoningModel_ACTV1",
+    "hrm": "recursive_reasoning.hrm@HierarchicalReasoningModel_ACTV1",
+    "transformers_baseline": "recursive_reasoning.transformers_baseline@Model_ACTV2",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCH_CLASSES))
+def test_arch_configs_compose_with_the_reference_names_and_overrides(arch):
+    from utils.config import compose_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = [f"arch={arch}", "arch.H_cycles=2", "arch.hidden_size=96"]
+    config = compose_config(os.path.join(repo, "config", "cfg_pretrain.yaml"), overrides)
+    assert config.arch.name == ARCH_CLASSES[arch]
+    fields = config.arch.model_extra
+    assert fields["H_cycles"] == 2 and fields["puzzle_emb_ndim"] == 96  # interpolation follows hidden_size
+    defaults = {
+        "trm_singlez": dict(H_cycles=2, L_cycles=6, L_layers=2, puzzle_emb_len=16, no_ACT_continue=True),
+        "trm_hier6": dict(H_cycles=2, L_cycles=6, L_layers=2, puzzle_emb_len=16, no_ACT_continue=True),
+        "hrm": dict(L_cycles=2, H_layers=4, L_layers=4, num_heads=8, mlp_t=False),
+        "transformers_baseline": dict(H_layers=8, num_heads=12, act_enabled=True, act_inference=False),
+    }[arch]
+    assert {k: fields[k] for k in defaults} == defaults
+    assert fields["halt_max_steps"] == 16 and fields["pos_encodings"] == "rope"
+    # The model builds from the composed fields plus what the dataset injects.
+    model_cls = load_model_class(config.arch.name)
+    model = model_cls({**fields, "batch_size": 2, "seq_len": 9, "vocab_size": 5,
+                       "num_puzzle_identifiers": 1, "forward_dtype": "float32", "causal": False})
+    batch = {"inputs": torch.ones(2, 9, dtype=torch.int32), "labels": torch.ones(2, 9, dtype=torch.int32),
+             "puzzle_identifiers": torch.zeros(2, dtype=torch.int32)}
+    model.eval()
+    with torch.inference_mode():
+        carry, outputs = model(model.initial_carry(batch), batch)
+    assert outputs["logits"].shape == (2, 9, 5)
+
+
+def test_variant_configs_refuse_what_they_cannot_run():
+    import pydantic
+
+    base = dict(SPECS["trm_hier6_small"]["arch"])
+    with pytest.raises(pydantic.ValidationError, match="L_cycles 7"):
+        load_model_class(SPECS["trm_hier6_small"]["name"])({**base, "L_cycles": 7})
+    base = dict(SPECS["transformers_baseline_small"]["arch"])
+    with pytest.raises(pydantic.ValidationError, match="rope or learned"):
+        load_model_class(SPECS["transformers_baseline_small"]["name"])({**base, "pos_encodings": "none"})
+
+
+def test_baseline_switches():
+    spec = SPECS["transformers_baseline_small"]
+    _, state, trace = load("transformers_baseline_small")
+    batch = trace["batch"]
+
+    def run(training, compute_target_q=False, **arch):
+        model = load_model_class(spec["name"])({**spec["arch"], **arch})
+        model.load_state_dict({strip_wrapper_prefixes(k).removeprefix("model."): v for k, v in state.items()})
+        model.train(training)
+        with torch.no_grad():
+            return model(model.initial_carry(batch), batch, compute_target_q=compute_target_q)
+
+    # act_enabled False: training runs halt_max_steps steps like evaluation (the trace halts some rows).
+    carry, _ = run(True, act_enabled=False)
+    assert not carry.halted.any()
+    carry, outputs = run(True)
+    assert carry.halted.any() and "target_q_continue" not in outputs
+    _, outputs = run(True, compute_target_q=True)
+    assert outputs["target_q_continue"].shape == (8,)
+    # act_inference: evaluation halts on the Q rule and reports the steps.
+    carry, outputs = run(False, act_inference=True)
+    assert torch.equal(carry.halted, outputs["q_halt_logits"] > outputs["q_continue_logits"])
+    assert torch.equal(outputs["actual_steps"], carry.steps)
+    carry, outputs = run(False)
+    assert not carry.halted.any() and "actual_steps" not in outputs
