@@ -30,6 +30,7 @@ from utils.config import ConfigError, check_batch_divides  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
 from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
+from utils import inference  # noqa: E402
 from utils.stats import format_wilson_lines, wilson_interval  # noqa: E402
 
 
@@ -54,6 +55,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="evaluate one batch drawn like a training batch (seed + 1) from the test split")
     p.add_argument("--early-exit", action="store_true",
                    help="stop a batch once every row's halting head says halt; reports the mean ACT steps")
+    p.add_argument("--record-puzzles", default=None,
+                   help="test example indices (e.g. 0,3,5-7; 'none' to skip; default: the first 8) whose every ACT "
+                        "step is recorded, with sigmoid(q_halt), into <outdir>/visualizer.json for the visualizer pages")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch=trm_mlp arch.L_cycles=4")
     return p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
@@ -111,6 +115,17 @@ def wilson_report(metrics: Dict, counts: Dict) -> Dict[str, Dict[str, float]]:
     return out
 
 
+def write_visualizer_json(model, args, metadata, dist_info, rows: List[int]) -> None:
+    """The pages' JSON: every ACT step of the chosen test examples."""
+    split = inference.TestSplit(args.dataset, metadata)
+    examples = inference.record_examples(model, split, rows, dist_info.device)
+    document = inference.visualizer_document(metadata, examples, checkpoint=args.checkpoint, dataset=args.dataset,
+                                             preds_file="step_0_all_preds.0")
+    path = os.path.join(args.outdir, inference.VISUALIZER_JSON)
+    inference.write_visualizer_json(path, document)
+    print(f"Visualizer: {path} ({len(examples)} puzzles, every ACT step)")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("DISABLE_COMPILE", "1")
@@ -131,6 +146,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.manual_seed(config.seed + dist_info.rank)
         model = build_model(config.arch, eval_metadata, batch_size=local_batch, device=dist_info.device)
         load_weights(model, args, checkpoint_path)
+        num_test_rows = len(inference.TestSplit(args.dataset, eval_metadata))
+        if args.record_puzzles is None:
+            record_rows = list(range(min(8, num_test_rows)))
+        else:
+            record_rows = inference.parse_rows(args.record_puzzles)
+            bad = [r for r in record_rows if not 0 <= r < num_test_rows]
+            if bad:
+                raise ValueError(f"--record-puzzles {bad[0]} is out of range: the test split has {num_test_rows} "
+                                 f"examples (0..{num_test_rows - 1})")
         evaluators = [load_model_class(spec.name, "evaluators.")(data_path=args.dataset, eval_metadata=eval_metadata,
                                                                  **(spec.model_extra or {}))
                       for spec in config.evaluators]
@@ -169,6 +193,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
         report_path = os.path.join(args.outdir, "eval_report.json")
         atomic_write_text(report_path, json.dumps(report, indent=2))
+        write_visualizer_json(model, args, eval_metadata, dist_info, record_rows)
         print(f"Report: {report_path}; outputs: {args.outdir}")
     distributed.cleanup()
     return 0
