@@ -32,7 +32,7 @@ from models.build import build_model
 from models.ema import EMAHelper
 from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
-from puzzle_dataset import PuzzleDatasetConfig, create_dataloader
+from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
 from utils import distributed
 from utils.checkpoint import CheckpointError, load_model_state, read_state_dict, save_model_state, unwrap
 from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_data_paths, parse_config)
@@ -318,7 +318,8 @@ def finish(bar, config: PretrainConfig) -> None:
 
 @hydra.main(config_path="config", config_name="cfg_pretrain", version_base=None)
 def launch(hydra_config: DictConfig) -> None:
-    run(hydra_config)
+    with train_state.end_run_on_error(stop_all_workers):
+        run(hydra_config)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """The data loader (REFERENCE.md section 3): padded, rank-sliced batches of puzzle examples from builder-written
 dataset folders; train batches depend only on the seed and the pass number, so a run can resume mid-pass."""
 
+import functools
 import json
 import os
 import signal
+import threading
+import time
+import weakref
 from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
@@ -306,12 +310,44 @@ class PuzzleDataset(IterableDataset):
                 "puzzle_identifiers": torch.from_numpy(puzzle_identifiers)}
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
+def _init_worker(parent_pid: int, _worker_id: int) -> None:
     # SIGTERM/SIGINT sent to the whole process group (Ctrl-C, torchrun, schedulers) are for the trainer, which
-    # finishes its step and saves; a worker killed by them would abort the trainer first. The worker still exits
-    # with the trainer (it watches its parent).
+    # finishes its step and saves; a worker killed by them would abort the trainer first. So the worker cannot
+    # be stopped by them, and must instead end by itself when the trainer is gone (SIGKILLed, OOM-killed):
+    # torch's own check waits on queues that a dead trainer may have left full.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True, name="orphan-check").start()
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:  # an orphan is re-parented (to init or a subreaper)
+        time.sleep(0.5)
+    os._exit(1)  # no clean-up: the queues' feeder threads could block forever on a pipe nobody reads
+
+
+# Every loader made here, so that a failing run can end their workers (stop_all_workers) wherever it fails.
+_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+def stop_workers(loader: DataLoader, timeout: float = 5.0) -> None:
+    """End `loader`'s worker processes now: asked to stop (they finish within a moment), then killed, since
+    they ignore SIGTERM. Call before leaving the process on an error: the interpreter's exit would otherwise
+    wait forever for them."""
+    iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator, once iteration started
+    workers = list(getattr(iterator, "_workers", None) or [])
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # also unregisters them, so their death below raises nothing here
+    for worker in workers:
+        worker.join(timeout)
+        if worker.is_alive():
+            worker.kill()
+            worker.join(timeout)
+
+
+def stop_all_workers() -> None:
+    for loader in list(_LOADERS):
+        stop_workers(loader)
 
 
 def create_dataloader(config: PuzzleDatasetConfig, split: str, num_workers: int = 1,
@@ -325,7 +361,9 @@ def create_dataloader(config: PuzzleDatasetConfig, split: str, num_workers: int 
     if num_workers not in (0, 1):
         raise ValueError(f"num_workers must be 0 or 1, got {num_workers}: more workers would each yield the same batches")
     dataset = PuzzleDataset(config, split=split)
-    worker_options = dict(prefetch_factor=8, persistent_workers=True, worker_init_fn=_ignore_stop_signals) if num_workers else {}
+    worker_options = dict(prefetch_factor=8, persistent_workers=True,
+                          worker_init_fn=functools.partial(_init_worker, os.getpid())) if num_workers else {}
     loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                         generator=torch.Generator().manual_seed(config.seed), **worker_options)
+    _LOADERS.add(loader)
     return loader, dataset.metadata

@@ -13,6 +13,7 @@ fields in COMPATIBILITY_FIELDS) differs from the current run's. The LR schedule 
 the loader's batches depend only on (seed, pass), so the step and (passes done, batches done) fix both.
 """
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -382,6 +383,37 @@ def check_config(config) -> None:
         raise ConfigError(f"keep_last_checkpoints={config.keep_last_checkpoints} must be at least 1")
     if config.checkpoint_every_steps is not None and config.checkpoint_every_steps < 1:
         raise ConfigError(f"checkpoint_every_steps={config.checkpoint_every_steps} must be at least 1 (or null)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Failures: end the process, with its loader workers
+
+EXIT_GRACE_S = 10.0  # after an error, the most the normal teardown (atexit hooks, W&B, process group) may take
+
+
+@contextlib.contextmanager
+def end_run_on_error(stop_workers: Callable[[], None]):
+    """Around a whole run: any exception (or exit) stops the loader workers (`stop_workers`), which otherwise keep
+    the interpreter's exit waiting forever; then the exception goes on (printed by Hydra, exit code 1). Under
+    torchrun the other ranks then fail in their next collective (gloo: at once) or are stopped by torchrun. If
+    the teardown after an error hangs anyway, the process exits with code 1 after EXIT_GRACE_S seconds. A
+    closed stdout (`pretrain.py ... | head -3`) ends the run with one line instead of a traceback."""
+    try:
+        yield
+    except BaseException as e:
+        if not (isinstance(e, SystemExit) and not e.code):
+            timer = threading.Timer(EXIT_GRACE_S, os._exit, args=(1,))
+            timer.daemon = True
+            timer.start()
+        if isinstance(e, BrokenPipeError):
+            # Later writes and the interpreter's final flush of stdout would raise again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            print("stopping: the output pipe was closed (e.g. by `| head`)", file=sys.stderr, flush=True)
+            stop_workers()
+            raise SystemExit(1) from None
+        raise
+    finally:
+        stop_workers()
 
 
 # ----------------------------------------------------------------------------------------------------------------
