@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 import weakref
 from typing import Dict, Iterator, List, Tuple
 
@@ -57,6 +58,14 @@ def load_metadata(dataset_path: str, split: str) -> PuzzleDatasetMetadata:
         raise FileNotFoundError(f"{json_path} is missing; " + _BUILD_HINT.format(path=dataset_path))
     with open(json_path) as f:
         raw = json.load(f)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{json_path} is not a valid dataset.json (a JSON object is expected, got "
+                         f"{type(raw).__name__}); rebuild the dataset with its builder")
+    # Builders of other forks add keys of their own; like the reference, read the known ones and ignore the rest.
+    unknown = sorted(set(raw) - set(PuzzleDatasetMetadata.model_fields))
+    if unknown:
+        warnings.warn(f"{json_path}: ignoring unknown key(s) {', '.join(unknown)}", stacklevel=2)
+        raw = {k: v for k, v in raw.items() if k not in unknown}
     try:
         metadata = PuzzleDatasetMetadata(**raw)
     except pydantic.ValidationError as e:

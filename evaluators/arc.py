@@ -4,12 +4,14 @@ augmented versions, and reports pass@k plus a Kaggle `submission.json` (REFERENC
 Same metrics and file format as the reference, with these fixes (REFERENCE.md section 11, item 8):
 - Works in a plain single process: predictions are gathered to rank 0 only when torch.distributed is
   initialized and world_size > 1 (over `group` if given, e.g. a gloo group for CPU object gathers).
-- Votes never leak from one evaluation into the next: `begin_eval` always clears the state. `aggregated_voting`
-  is still accepted so configs keep working, but both values now behave like the reference's False.
 - A test pair that received no prediction still appears in `submission.json` (both attempts `[[0]]`) instead of
   vanishing, and counts as a miss: in `ARC/pass@k` (as in the reference, which divides by all test pairs) and in
   `ARC/example_N` / `ARC/example_pass@k` (pairs without candidates are included in N).
 - The crop is pure NumPy (no numba), same algorithm.
+
+`aggregated_voting` (default True, as in the reference): the votes of every evaluation of a run are kept, so the
+pass@k logged at an evaluation is that of an ensemble over all checkpoints evaluated so far (in one process's
+lifetime: a resumed run starts a new ensemble). False: each evaluation votes only over its own predictions.
 """
 
 import hashlib
@@ -69,8 +71,9 @@ class ARC:
         eval_metadata: PuzzleDatasetMetadata,
         submission_K: int = 2,
         pass_Ks: Sequence[int] = (1, 2, 5, 10, 100, 1000),
-        aggregated_voting: bool = True,  # accepted for config compatibility; see the module docstring
+        aggregated_voting: bool = True,  # keep votes across evaluations; see the module docstring
     ):
+        self.aggregated_voting = aggregated_voting
         self.submission_K = submission_K
         self.pass_Ks = tuple(pass_Ks)
         self.blank_identifier_id = eval_metadata.blank_identifier_id
@@ -82,11 +85,16 @@ class ARC:
         if not self.test_puzzles:
             raise ValueError(f"{os.path.join(data_path, 'test_puzzles.json')} lists no test puzzles")
 
+        self._clear_votes()
         self.begin_eval()
 
-    def begin_eval(self) -> None:
+    def _clear_votes(self) -> None:
         self._hmap: HashMap = {}
         self._votes: Votes = {}
+
+    def begin_eval(self) -> None:
+        if not self.aggregated_voting:
+            self._clear_votes()
         # Filled by `result` on rank 0: puzzle name -> {"pairs": test pairs, "pass@k": credit (hits / pairs), ...}.
         self.per_task: Dict[str, Dict[str, float]] = {}
 

@@ -1,6 +1,6 @@
 """ARC evaluator on three real evaluation puzzles: hand-made predictions on augmented versions, votes, pass@k and
 submission.json checked against values worked out by hand; single process, under torchrun with 2 gloo ranks, and
-across two successive evaluations."""
+across two successive evaluations with and without aggregated voting."""
 
 import json
 import os
@@ -201,8 +201,8 @@ def test_single_process(data_path, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f != "submission.json"]  # no temporary file left behind
 
 
-def test_successive_evaluations_do_not_leak_votes(data_path, tmp_path):
-    evaluator = ARC(data_path, METADATA)
+def test_successive_evaluations_do_not_leak_votes_without_aggregated_voting(data_path, tmp_path):
+    evaluator = ARC(data_path, METADATA, aggregated_voting=False)
     evaluator.begin_eval()
     feed(evaluator, make_rows(ROWS))
     evaluator.result(None, rank=0, world_size=1)
@@ -212,7 +212,7 @@ def test_successive_evaluations_do_not_leak_votes(data_path, tmp_path):
     feed(evaluator, make_rows([ROWS[1]]))
     metrics = evaluator.result(str(tmp_path), rank=0, world_size=1)
 
-    fresh = ARC(data_path, METADATA)
+    fresh = ARC(data_path, METADATA, aggregated_voting=False)
     feed(fresh, make_rows([ROWS[1]]))
     assert metrics == fresh.result(None, rank=0, world_size=1)
     assert metrics["ARC/pass@1000"] == 0.0 and metrics["ARC/example_N"] == 5
@@ -221,6 +221,45 @@ def test_successive_evaluations_do_not_leak_votes(data_path, tmp_path):
         A: [{"attempt_1": W1.tolist(), "attempt_2": W1.tolist()}],
         C: [{"attempt_1": [[0]], "attempt_2": [[0]]}] * 2,
     }
+
+
+SECOND_EVAL = [(A, 0, OUT_A, 0.0)]  # one more vote for A's correct answer
+
+
+def two_evaluations(data_path, aggregated_voting):
+    evaluator = ARC(data_path, METADATA, aggregated_voting=aggregated_voting)
+    results = []
+    for rows in (ROWS, SECOND_EVAL):
+        evaluator.begin_eval()
+        feed(evaluator, make_rows(rows))
+        results.append(evaluator.result(None, rank=0, world_size=1))
+    return results
+
+
+def test_aggregated_voting_keeps_votes_across_evaluations(data_path):
+    first, second = two_evaluations(data_path, aggregated_voting=True)
+    assert first == pytest.approx(EXPECTED_METRICS)
+    # Second evaluation votes over both: A's correct answer now has 3 votes to W1's 2 and ranks first, so A's
+    # credit is 1 from pass@1 on; B and C keep their first-evaluation candidates (credit 1/2, 1/2 from pass@1).
+    assert second == pytest.approx({
+        "ARC/pass@1": 2 / 3, "ARC/pass@2": 2 / 3, **{f"ARC/pass@{k}": 2.5 / 3 for k in (5, 10, 100, 1000)},
+        "ARC/example_N": 5,
+        # Pair hits (A0, B0, B1, C0, C1): pass@1 and @2: 1 1 0 1 0; pass@5+: 1 1 1 1 0.
+        "ARC/example_pass@1": 3 / 5, "ARC/example_pass@2": 3 / 5,
+        **{f"ARC/example_pass@{k}": 4 / 5 for k in (5, 10, 100, 1000)},
+    })
+
+
+def test_without_aggregated_voting_each_evaluation_votes_alone(data_path):
+    first, second = two_evaluations(data_path, aggregated_voting=False)
+    assert first == pytest.approx(EXPECTED_METRICS)
+    # Only A's correct answer: A credit 1, B and C no candidates.
+    assert second == pytest.approx({**{f"ARC/pass@{k}": 1 / 3 for k in (1, 2, 5, 10, 100, 1000)}, "ARC/example_N": 5,
+                                    **{f"ARC/example_pass@{k}": 1 / 5 for k in (1, 2, 5, 10, 100, 1000)}})
+
+
+def test_aggregated_voting_is_on_by_default(data_path):
+    assert ARC(data_path, METADATA).aggregated_voting is True
 
 
 def test_torchrun_two_ranks_match_single_process(data_path, tmp_path):

@@ -2,13 +2,14 @@
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from dataset.common import PuzzleDatasetMetadata, save_split
-from puzzle_dataset import IGNORE_LABEL_ID, PuzzleDataset, PuzzleDatasetConfig, create_dataloader
+from puzzle_dataset import IGNORE_LABEL_ID, PuzzleDataset, PuzzleDatasetConfig, create_dataloader, load_metadata
 
 SEQ_LEN = 4
 # Examples per puzzle, per group: 7 groups of 1-3 puzzles. VARYING differs within groups; UNIFORM does not
@@ -327,6 +328,37 @@ def test_bad_inputs_raise_one_clear_line(tmp_path):
         json.dump({"pad_id": 0}, f)
     with pytest.raises(ValueError, match=r"is not a valid dataset\.json \(ignore_label_id: Field required\)"):
         PuzzleDataset(make_config([tmp_path / "ok"]))
+
+
+def test_dataset_json_with_unknown_keys_loads_with_a_warning(tmp_path):
+    # Forks' builders add keys of their own; the known ones are read, the others ignored (with a warning).
+    write_dataset(tmp_path / "ok", splits=("train",))
+    json_path = tmp_path / "ok" / "train" / "dataset.json"
+    with open(json_path) as f:
+        raw = json.load(f)
+    with open(json_path, "w") as f:
+        json.dump({**raw, "fork_version": "2.1", "augmentations": {"dihedral": True}}, f)
+    with pytest.warns(UserWarning, match=r"dataset\.json: ignoring unknown key\(s\) augmentations, fork_version"):
+        metadata = load_metadata(str(tmp_path / "ok"), "train")
+    assert metadata.model_dump() == raw
+    with pytest.warns(UserWarning):
+        batches = list(PuzzleDataset(make_config([tmp_path / "ok"])))
+    assert batches
+
+    # Missing and wrong-typed known keys are still refused.
+    for broken, message in (({k: v for k, v in raw.items() if k != "seq_len"}, r"seq_len: Field required"),
+                            ({**raw, "vocab_size": "ten", "extra": 1}, r"vocab_size: Input should be a valid integer")):
+        with open(json_path, "w") as f:
+            json.dump(broken, f)
+        with pytest.raises(ValueError, match=r"is not a valid dataset\.json \(" + message) as info:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                load_metadata(str(tmp_path / "ok"), "train")
+        assert "\n" not in str(info.value)
+    with open(json_path, "w") as f:
+        json.dump([raw], f)
+    with pytest.raises(ValueError, match="a JSON object is expected"):
+        load_metadata(str(tmp_path / "ok"), "train")
 
 
 def test_misuse_is_refused(tmp_path):
