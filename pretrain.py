@@ -55,6 +55,7 @@ class TrainState:
     compiled: bool = False
     ema: Optional[EMAHelper] = None
     ema_model: Optional[torch.nn.Module] = None  # evaluation copy holding the EMA weights (made once)
+    eval_compiled: Optional[torch.nn.Module] = None  # compiled wrapper of an eager evaluation model (made once)
     passes_done: int = 0  # loader position (PuzzleDataset.set_resume_position): train passes completed,
     batches_done: int = 0  # and batches of the next pass consumed
 
@@ -125,7 +126,7 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
 
     compiled = (config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE"))
     if compiled:
-        model = torch.compile(model)
+        model = torch.compile(model, mode=config.compile_mode)
     optimizers, base_lrs = create_optimizers(config, model, dist_info.world_size)
     ema = None
     if config.ema:
@@ -202,16 +203,26 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
     return out
 
 
-def evaluation_model(state: TrainState) -> torch.nn.Module:
-    """The evaluated (and saved) model: the EMA weights when ema=True, else the live model. The EMA copy is made
-    once and refreshed in place, so a compiled model is not recompiled at every evaluation."""
-    if state.ema is None:
-        return state.model
-    if state.ema_model is None:
-        state.ema_model = copy.deepcopy(state.model)
-    state.ema_model.load_state_dict(state.model.state_dict())  # buffers too: puzzle table, H_init/L_init
-    state.ema.ema(state.ema_model)
-    return state.ema_model
+def evaluation_model(state: TrainState, compile_eval: bool = True) -> torch.nn.Module:
+    """The evaluated (and saved) model: the EMA weights when ema=True, else the live model; compiled on CUDA
+    unless `compile_eval` is False. The EMA copy is made once and refreshed in place, and an eager model is
+    wrapped in torch.compile once, so no evaluation after the first recompiles."""
+    model = state.model
+    if state.ema is not None:
+        if state.ema_model is None:
+            state.ema_model = copy.deepcopy(state.model)  # a compiled training model gives a compiled copy
+        state.ema_model.load_state_dict(state.model.state_dict())  # buffers too: puzzle table, H_init/L_init
+        state.ema.ema(state.ema_model)
+        model = state.ema_model
+    plain = unwrap(model)
+    on_cuda = next(plain.parameters()).device.type == "cuda"
+    if not compile_eval or not on_cuda or os.environ.get("DISABLE_COMPILE"):
+        return plain
+    if model is not plain:
+        return model  # already compiled (the training model, or the copy of it)
+    if state.eval_compiled is None or unwrap(state.eval_compiled) is not plain:
+        state.eval_compiled = torch.compile(plain)
+    return state.eval_compiled
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,7 +302,7 @@ def run(hydra_config: DictConfig) -> None:
         train_state.note_iteration_end(state, iter_id, len(sets))
 
         if iter_id >= (config.min_eval_interval or 0):
-            eval_model = evaluation_model(state)
+            eval_model = evaluation_model(state, config.eval_compile)
             if eval_loader is not None:
                 metrics = evaluate(eval_model, eval_loader, eval_metadata, evaluators, dist_info=dist_info,
                                    step=state.step, save_dir=config.checkpoint_path,

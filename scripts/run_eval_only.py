@@ -58,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--record-puzzles", default=None,
                    help="test example indices (e.g. 0,3,5-7; 'none' to skip; default: the first 8) whose every ACT "
                         "step is recorded, with sigmoid(q_halt), into <outdir>/visualizer.json for the visualizer pages")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate a torch.compile'd model on CUDA (the first batch compiles); --no-compile: eager")
     p.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when available)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch=trm_mlp arch.L_cycles=4")
     return p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
@@ -174,7 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     os.makedirs(args.outdir, exist_ok=True)
     counts: Dict[str, Dict[str, int]] = {}
-    metrics = evaluate(model, loader, eval_metadata, evaluators, dist_info=dist_info, step=0, save_dir=args.outdir,
+    # Compiled for the evaluation loop alone: the per-step recording below runs other shapes, eager.
+    eval_model = torch.compile(model) if args.compile and dist_info.device.type == "cuda" else model
+    metrics = evaluate(eval_model, loader, eval_metadata, evaluators, dist_info=dist_info, step=0, save_dir=args.outdir,
                        save_outputs=args.eval_save_outputs, early_exit=args.early_exit, progress=True,
                        counts_out=counts)
     if dist_info.is_main:

@@ -4,7 +4,7 @@ Hydra composes config/cfg_pretrain.yaml + config/arch/*.yaml + command-line over
 checks every field, so a typo fails at start with one line instead of being silently ignored."""
 
 import os
-from typing import List, Optional
+from typing import List, Literal, Optional
 
 import pydantic
 
@@ -68,8 +68,11 @@ class PretrainConfig(pydantic.BaseModel):
     # Additions to the reference (all optional, reference behaviour by default).
     device: Optional[str] = None  # None: CUDA when available, else CPU
     compile: bool = True  # torch.compile on CUDA (env DISABLE_COMPILE=1 also turns it off)
+    # torch.compile's mode for the training model (None: PyTorch's default); docs/performance.md measures them.
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
     micro_batch_size: Optional[int] = None  # per-rank rows per forward; gradients accumulate to global_batch_size
     eval_early_exit: bool = False  # stop an eval batch once every row's halting head says halt
+    eval_compile: bool = True  # evaluate a torch.compile'd model on CUDA (compiled once per run); False: eager
     resume: bool = False  # continue from the newest complete training-state checkpoint of this run
     keep_last_checkpoints: int = 2  # training-state checkpoints kept on disk
     checkpoint_every_steps: Optional[int] = None  # also write a training-state checkpoint every N steps

@@ -12,9 +12,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from pydantic import BaseModel, field_validator, model_validator
 from torch import nn
 
+from dataset.common import IGNORE_LABEL_ID
 from models.common import trunc_normal_init_
 from models.layers import Attention, CastedEmbedding, CastedLinear, CosSin, RotaryEmbedding, SwiGLU, rms_norm
 from models.sparse_embedding import CastedSparseEmbedding
@@ -47,6 +49,9 @@ class ACTModelConfig(BaseModel):
     halt_exploration_prob: float
 
     forward_dtype: str = "bfloat16"
+    # Memory switch: keep only each block's input in the gradient cycle and recompute the rest in backward
+    # (one more forward of that cycle, about +20% step time); the maths is unchanged.
+    recompute: bool = False
 
     @field_validator("forward_dtype")
     @classmethod
@@ -138,11 +143,17 @@ class ReasoningModule(nn.Module):
     def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(layers)  # `layers`: checkpoint key name
+        self.recompute = False  # set from the config's `recompute` by TRMInner
 
     def forward(self, h: torch.Tensor, injection: torch.Tensor, cos_sin: Optional[CosSin]) -> torch.Tensor:
         h = h + injection
+        # Only where a backward will follow (the gradient cycle in training): no_grad cycles store nothing.
+        recompute = self.recompute and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, cos_sin)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos_sin, use_reentrant=False)
+            else:
+                h = layer(h, cos_sin)
         return h
 
 
@@ -179,6 +190,9 @@ class TRMInner(nn.Module):
             self.embed_pos = CastedEmbedding(config.seq_len + P, D, init_std=embed_init_std, cast_to=config.dtype)
 
         self.build_levels(config)
+        for module in self.modules():  # every variant's levels are ReasoningModules
+            if isinstance(module, ReasoningModule):
+                module.recompute = config.recompute
         self.register_start_states(config)
 
         # Q-head starts near "never halt" (sigmoid(-5) ≈ 0.007) so halting is learned from a neutral start.
@@ -324,7 +338,9 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
 
             # Evaluation runs halt_max_steps steps, so all rows of a batch halt together.
             if not self.training and self.eval_early_exit:
-                halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits).all()
+                # Padding rows (no labels) must not hold the batch, whatever their own head says.
+                padding = (current_data["labels"] == IGNORE_LABEL_ID).all(-1)  # [B]
+                halted = halted | (self.q_says_halt(q_halt_logits, q_continue_logits) | padding).all()
             if self.training and cfg.halt_max_steps > 1 and self.act_in_training():
                 halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits)
 

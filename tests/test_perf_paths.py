@@ -1,0 +1,84 @@
+"""The speed and memory switches compute the same function: activation recomputation (arch `recompute`) gives the
+same outputs, loss, gradients and optimizer state after a step as the plain path; the opt-in eval early exit
+stops once every real row halts, whatever the padding rows' halting heads say."""
+
+import pytest
+import torch
+
+from models.losses import IGNORE_LABEL_ID, ACTLossHead
+from models.optimizers import AdamATan2
+from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
+from tests.test_model_math import make_batch, small_config
+
+
+def loss_head(**overrides):
+    torch.manual_seed(0)
+    model = ACTLossHead(TinyRecursiveReasoningModel_ACTV1(small_config(**overrides)), "stablemax_cross_entropy")
+    with torch.no_grad():  # damp the residual branches so the recursion is contractive
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(0.2)
+    return model
+
+
+def one_train_step(model, batch):
+    opt = AdamATan2([p for n, p in model.named_parameters() if "puzzle_emb" not in n], lr=1e-3, weight_decay=0.1)
+    model.train()
+    carry = model.initial_carry(batch)
+    carry, loss, metrics, outputs, _ = model(return_keys=("logits",), carry=carry, batch=batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    opt.step()
+    return carry, loss.detach(), outputs["logits"], grads, opt.state_dict()["state"], model.state_dict()
+
+
+@pytest.mark.parametrize("variant", [{}, {"mlp_t": True, "pos_encodings": "none"}])
+def test_recompute_matches_plain_path(variant):
+    batch = make_batch()
+    plain = loss_head(**variant)
+    recomputed = loss_head(recompute=True, **variant)
+    recomputed.load_state_dict(plain.state_dict())
+    assert list(recomputed.state_dict()) == list(plain.state_dict())  # the switch adds no checkpoint keys
+    a, b = one_train_step(plain, batch), one_train_step(recomputed, batch)
+    torch.testing.assert_close(a[0].inner_carry.z_H, b[0].inner_carry.z_H, rtol=0, atol=0)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
+    torch.testing.assert_close(a[2], b[2], rtol=0, atol=0)
+    assert a[3].keys() == b[3].keys() and len(a[3]) > 0
+    for name in a[3]:
+        torch.testing.assert_close(a[3][name], b[3][name], rtol=1e-6, atol=1e-7, msg=name)
+    for i in a[4]:
+        for key in a[4][i]:
+            torch.testing.assert_close(a[4][i][key], b[4][i][key], rtol=1e-6, atol=1e-7)
+    for name in a[5]:
+        torch.testing.assert_close(a[5][name], b[5][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def eval_steps(model, batch, q_halt):
+    """ACT steps an eval batch takes with early exit on, each row's q_halt logit forced to `q_halt`."""
+    act = model.model
+    act.eval_early_exit = True
+    real_forward = act.inner.forward
+
+    def forced(carry, data):
+        new_carry, logits, (q_h, q_c) = real_forward(carry, data)
+        return new_carry, logits, (q_halt.to(q_h.dtype), q_c)
+
+    act.inner.forward = forced
+    model.eval()
+    carry, steps = model.initial_carry(batch), 0
+    with torch.inference_mode():
+        while True:
+            carry, _, _, _, all_halted = model(return_keys=(), carry=carry, batch=batch)
+            steps += 1
+            if all_halted:
+                return steps
+
+
+def test_early_exit_ignores_padding_rows():
+    model = loss_head(halt_max_steps=4)
+    batch = make_batch()
+    batch["labels"][-1] = IGNORE_LABEL_ID  # the last row is padding, as the loader pads a short last batch
+    says_halt = torch.tensor([1.0, 1.0, 1.0, -1.0])  # every real row halts; the padding row's head says go on
+    assert eval_steps(model, batch, says_halt) == 1
+    one_real_row_continues = torch.tensor([1.0, -1.0, 1.0, 1.0])
+    assert eval_steps(loss_head(halt_max_steps=4), batch, one_real_row_continues) == 4  # halt_max_steps
