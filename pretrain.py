@@ -34,11 +34,13 @@ from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
 from utils import distributed
-from utils.checkpoint import CheckpointError, load_model_state, read_state_dict, save_model_state, unwrap
+from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, save_model_state,
+                              unwrap)
 from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_data_paths, parse_config)
 from utils.evaluation import evaluate
 from utils.functions import get_model_source_path, load_model_class
 from utils.hub import resolve_checkpoint
+from utils.model_loader import write_checkpoint_description
 from utils.schedule import cosine_schedule_with_warmup_lr
 from utils import train_state, wandb_logging
 
@@ -143,8 +145,7 @@ def save_code_and_config(config: PretrainConfig) -> None:
     for identifier in (config.arch.name, config.arch.loss.name):
         source = get_model_source_path(identifier)
         shutil.copy(source, os.path.join(config.checkpoint_path, os.path.basename(source)))
-    with open(os.path.join(config.checkpoint_path, "all_config.yaml"), "w") as f:
-        yaml.dump(config.model_dump(), f)
+    atomic_write_text(os.path.join(config.checkpoint_path, "all_config.yaml"), yaml.dump(config.model_dump()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,7 +313,9 @@ def run(hydra_config: DictConfig) -> None:
                     bar.write(f"step {state.step} eval: {metrics}")
                     wandb_logging.log(metrics, step=state.step)
             if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
-                save_model_state(eval_model, os.path.join(config.checkpoint_path, f"step_{state.step}"), state.compiled)
+                weights_file = os.path.join(config.checkpoint_path, f"step_{state.step}")
+                save_model_state(eval_model, weights_file, state.compiled)
+                write_checkpoint_description(weights_file, config, train_metadata, state.step)
         train_state.save(config, dist_info, state)
 
     stop.uninstall()

@@ -1,12 +1,14 @@
 """Evaluate a checkpoint on a dataset's test split (the fork's eval-only runner, REFERENCE.md section 9.3).
 
     python scripts/run_eval_only.py --checkpoint trained_models/step_32550_sudoku_epoch50k \
-        --dataset data/sudoku-extreme-1k-aug-1000 --one-batch arch.mlp_t=True
+        --dataset data/sudoku-extreme-1k-aug-1000 --one-batch
     torchrun --nproc_per_node=8 scripts/run_eval_only.py --checkpoint hf://alphaXiv/trm-model-maze \
         --dataset data/maze-30x30-hard-1k --outdir checkpoints/maze_eval_run --global-batch-size 1536
 
-Trailing `key=value` arguments are Hydra overrides (e.g. `arch=trm_mlp arch.L_cycles=4`), so the architecture
-matches the checkpoint's. Prints the metrics with Wilson 95% intervals and writes them, with the checkpoint and
+The architecture comes from the checkpoint (utils/model_loader.py): its `step_<N>.config.yaml`, else its run
+folder's `all_config.yaml`, else what the weights determine (one printed line names what was assumed). Trailing
+`key=value` arguments are Hydra overrides and win (e.g. `arch.L_cycles=4`); one that contradicts the weights is
+refused. Prints the metrics with Wilson 95% intervals and writes them, with the checkpoint and
 dataset used, to `<outdir>/eval_report.json`."""
 
 import argparse
@@ -21,10 +23,10 @@ sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/run_eval_
 
 import torch  # noqa: E402
 
-from models.build import build_model  # noqa: E402
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig, create_dataloader  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.checkpoint import CheckpointError, atomic_write_text, load_model_state, read_state_dict, unwrap  # noqa: E402
+from utils.model_loader import load_model_from_checkpoint  # noqa: E402
 import utils.config  # noqa: E402
 from utils.config import ConfigError, check_batch_divides  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
@@ -65,7 +67,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)  # overrides may come before, between or after the options
 
 
-def compose_config(args: argparse.Namespace):
+def runner_overrides(args: argparse.Namespace) -> List[str]:
+    """The command line's Hydra overrides plus those its options stand for."""
     overrides = list(args.overrides)
     if args.global_batch_size is not None:
         overrides.append(f"global_batch_size={args.global_batch_size}")
@@ -73,6 +76,11 @@ def compose_config(args: argparse.Namespace):
         overrides.append(f"device={args.device}")
     if not args.bf16:
         overrides.append("arch.forward_dtype=float32")
+    return overrides
+
+
+def compose_config(args: argparse.Namespace):
+    overrides = runner_overrides(args)
     # The dataset path is set after composing: a ',' in a path would split it as an override.
     config = utils.config.compose_config(args.config, overrides, fixed=dict(data_paths=[args.dataset], data_paths_test=[]))
     # Evaluators need the dataset's ARC files; other tasks have none.
@@ -81,8 +89,7 @@ def compose_config(args: argparse.Namespace):
     return config
 
 
-def load_weights(model: torch.nn.Module, args: argparse.Namespace, checkpoint_path: str) -> None:
-    load_model_state(model, read_state_dict(checkpoint_path), resize_puzzle_table=False, source=checkpoint_path)
+def apply_ema_shadow(model: torch.nn.Module, args: argparse.Namespace) -> None:
     if args.apply_ema and args.ema_shadow:
         # A shadow holds the averaged values of the trained parameters (names with or without wrapper prefixes).
         shadow = read_state_dict(args.ema_shadow)
@@ -146,8 +153,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             test_set_mode=True, epochs_per_iter=1, rank=dist_info.rank, num_replicas=dist_info.world_size), split="test")
         checkpoint_path = resolve_checkpoint(args.checkpoint)  # every rank: nodes need not share a hub cache
         torch.manual_seed(config.seed + dist_info.rank)
-        model = build_model(config.arch, eval_metadata, batch_size=local_batch, device=dist_info.device)
-        load_weights(model, args, checkpoint_path)
+        loaded = load_model_from_checkpoint(checkpoint_path, dataset_metadata=eval_metadata,
+                                            overrides=runner_overrides(args), device=dist_info.device,
+                                            batch_size=local_batch, config=config, config_file=args.config,
+                                            verbose=dist_info.is_main)
+        model, config = loaded.model, loaded.config
+        apply_ema_shadow(model, args)
         num_test_rows = len(inference.TestSplit(args.dataset, eval_metadata))
         if args.record_puzzles is None:
             record_rows = list(range(min(8, num_test_rows)))

@@ -301,9 +301,13 @@ def test_arch_is_settable_for_the_checkpoint(sudoku, tmp_path, capsys):
     report = read_report(tmp_path / "mlp")
     assert report["arch"]["mlp_t"] is True and report["arch"]["L_cycles"] == TINY["L_cycles"]
 
-    # The same checkpoint with the default attention arch: refused, naming the architecture.
-    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "att"], capsys)
-    assert_refused(rc, err, ckpt, "architecture differs")
+    # Without naming the arch: the weights say MLP-T, and the same model is evaluated.
+    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "auto"], capsys)
+    assert rc == 0, out + err
+    assert read_report(tmp_path / "auto")["metrics"] == report["metrics"]
+    # Asking for attention on MLP-T weights: refused, naming the setting.
+    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "att", "arch.mlp_t=False"], capsys)
+    assert_refused(rc, err, ckpt, "arch.mlp_t=False")
 
 
 def test_refuses_a_checkpoint_of_another_task(sudoku, maze, tmp_path, capsys):
@@ -330,7 +334,7 @@ def test_refuses_a_checkpoint_of_another_width(sudoku, copy_checkpoint, tmp_path
     # The usual slip: the checkpoint's arch overrides forgotten (here hidden_size).
     rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    "--global-batch-size", G, *OVERRIDES, "arch.hidden_size=64"], capsys)
-    assert_refused(rc, err, "[1, 32]", "[1, 64]", "width differs", "arch.hidden_size")
+    assert_refused(rc, err, "[11, 32]", "arch.hidden_size=64", "width differs")
 
 
 @pytest.mark.parametrize("override,fragments", [

@@ -100,7 +100,7 @@ def _pick_step_file(spec: str, files: Iterable[str]) -> str:
     candidates = {}
     for path in files:
         match = STEP_FILE.match(os.path.basename(path))
-        if match:
+        if match and not path.endswith(".config.yaml"):  # a checkpoint's description, not its weights
             candidates[path] = int(match.group(1)) if match.group(1) else -1
     if not candidates:
         raise FileNotFoundError(
