@@ -36,7 +36,8 @@ from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_work
 from utils import distributed
 from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, save_model_state,
                               unwrap)
-from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_data_paths, parse_config)
+from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_command_line, check_data_paths,
+                          one_line, parse_config, print_error)
 from utils.evaluation import evaluate
 from utils.functions import get_model_source_path, load_model_class
 from utils.hub import resolve_checkpoint
@@ -237,7 +238,6 @@ def setup(hydra_config: DictConfig):
     check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
     check_data_paths(config.data_paths, "data_paths")
     check_data_paths(config.data_paths_test, "data_paths_test")
-    train_state.check_config(config)
     if config.eval_interval is not None and config.epochs % config.eval_interval:
         raise ConfigError(f"epochs={config.epochs} must be a multiple of eval_interval={config.eval_interval}")
 
@@ -268,7 +268,7 @@ def run(hydra_config: DictConfig) -> None:
     try:
         config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state = setup(hydra_config)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ConnectionError) as e:  # ConnectionError: hub
-        print(f"error: {e}", file=sys.stderr)
+        print_error(one_line(e))
         distributed.cleanup()
         sys.exit(2)
 
@@ -337,4 +337,6 @@ def launch(hydra_config: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", "cfg_pretrain.yaml"),
+                       sys.argv[1:])
     launch()

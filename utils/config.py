@@ -3,10 +3,14 @@
 Hydra composes config/cfg_pretrain.yaml + config/arch/*.yaml + command-line overrides; `PretrainConfig` then
 checks every field, so a typo fails at start with one line instead of being silently ignored."""
 
+import difflib
 import os
-from typing import List, Literal, Optional
+import re
+import sys
+from typing import Dict, List, Literal, Optional, Tuple
 
 import pydantic
+from pydantic import Field
 
 from utils.functions import load_model_class
 
@@ -20,10 +24,32 @@ class LossConfig(pydantic.BaseModel):
     name: str
 
 
+# Ranges of the model fields shared by the variants (name: (low, high, what)); a value outside fails at start.
+ARCH_RANGES: Dict[str, Tuple[float, Optional[float], str]] = {
+    "H_cycles": (1, None, "a whole number >= 1"), "L_cycles": (1, None, "a whole number >= 1"),
+    "H_layers": (0, None, "a whole number >= 0"), "L_layers": (1, None, "a whole number >= 1"),
+    "halt_max_steps": (1, None, "a whole number >= 1"), "hidden_size": (1, None, "a whole number >= 1"),
+    "num_heads": (1, None, "a whole number >= 1"), "expansion": (0, None, "a number > 0"),
+    "puzzle_emb_ndim": (0, None, "a whole number >= 0"), "puzzle_emb_len": (0, None, "a whole number >= 0"),
+    "halt_exploration_prob": (0, 1, "a probability in [0, 1]"),
+}
+
+
 class ArchConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")  # the model's own fields; checked by validate_arch
     name: str
     loss: LossConfig
+
+    @pydantic.model_validator(mode="after")
+    def _check_ranges(self):
+        for key, (low, high, what) in ARCH_RANGES.items():
+            value = (self.model_extra or {}).get(key)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # absent, or a type the model's own config rejects with its own message
+            bad = value < low or (high is not None and value > high) or (key == "expansion" and value <= 0)
+            if bad:
+                raise ConfigError(f"arch.{key}={value} is out of range: it must be {what}")
+        return self
 
 
 class EvaluatorConfig(pydantic.BaseModel):
@@ -39,30 +65,30 @@ class PretrainConfig(pydantic.BaseModel):
     data_paths_test: List[str] = []  # non-empty: used for the test split and the evaluators
     evaluators: List[EvaluatorConfig] = []
 
-    global_batch_size: int
-    epochs: int
-    lr: float
-    lr_min_ratio: float
-    lr_warmup_steps: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    puzzle_emb_lr: float
-    puzzle_emb_weight_decay: float
+    global_batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    lr: float = Field(ge=0)
+    lr_min_ratio: float = Field(ge=0, le=1)
+    lr_warmup_steps: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    beta1: float = Field(ge=0, lt=1)
+    beta2: float = Field(ge=0, lt=1)
+    puzzle_emb_lr: float = Field(ge=0)
+    puzzle_emb_weight_decay: float = Field(ge=0)
 
     project_name: Optional[str] = None
     run_name: Optional[str] = None
     load_checkpoint: Optional[str] = None
     checkpoint_path: Optional[str] = None
 
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     checkpoint_every_eval: bool = False
-    eval_interval: Optional[int] = None
-    min_eval_interval: Optional[int] = 0  # in iterations
+    eval_interval: Optional[int] = Field(None, ge=1)
+    min_eval_interval: Optional[int] = Field(0, ge=0)  # in iterations
     eval_save_outputs: List[str] = []
 
     ema: bool = False
-    ema_rate: float = 0.999
+    ema_rate: float = Field(0.999, ge=0, le=1)
     freeze_weights: bool = False
 
     # Additions to the reference (all optional, reference behaviour by default).
@@ -70,23 +96,105 @@ class PretrainConfig(pydantic.BaseModel):
     compile: bool = True  # torch.compile on CUDA (env DISABLE_COMPILE=1 also turns it off)
     # torch.compile's mode for the training model (None: PyTorch's default); docs/performance.md measures them.
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
-    micro_batch_size: Optional[int] = None  # per-rank rows per forward; gradients accumulate to global_batch_size
+    micro_batch_size: Optional[int] = Field(None, ge=1)  # per-rank rows per forward; gradients accumulate to global_batch_size
     eval_early_exit: bool = False  # stop an eval batch once every row's halting head says halt
     eval_compile: bool = True  # evaluate a torch.compile'd model on CUDA (compiled once per run); False: eager
     resume: bool = False  # continue from the newest complete training-state checkpoint of this run
-    keep_last_checkpoints: int = 2  # training-state checkpoints kept on disk
-    checkpoint_every_steps: Optional[int] = None  # also write a training-state checkpoint every N steps
+    keep_last_checkpoints: int = Field(2, ge=1)  # training-state checkpoints kept on disk
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1)  # also write a training-state checkpoint every N steps
     metrics_jsonl: bool = False  # rank 0 also appends every logged metrics dict to <checkpoint_path>/metrics.jsonl
 
 
-def format_validation_error(e: pydantic.ValidationError) -> str:
+def did_you_mean(key: str, known) -> str:
+    """' did you mean H_cycles?' for a close match of `key` among `known` (dotted keys), else ''."""
+    prefix, _, leaf = key.rpartition(".")
+    same_level = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == prefix]
+    match = difflib.get_close_matches(leaf, same_level, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]}? ({(prefix + '.' if prefix else '') + match[0]}=...)" if match else ""
+
+
+def known_keys(arch_fields=()) -> List[str]:
+    """Every top-level key and `arch.<field>` for the given model fields."""
+    return list(PretrainConfig.model_fields) + [f"arch.{f}" for f in arch_fields]
+
+
+def format_validation_error(e: pydantic.ValidationError, arch_fields=()) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown config key '{loc}'; check its spelling against config/cfg_pretrain.yaml"
+        return (f"unknown config key '{loc}'{did_you_mean(loc, known_keys(arch_fields))} "
+                "(`python pretrain.py --help` lists every key)")
     if err["type"] == "missing":
         return f"config key '{loc}' is required; set it on the command line ({loc}=...)"
-    return f"config key '{loc}': {err['msg']} (got {err.get('input')!r})"
+    if err["type"] == "value_error" and isinstance(err.get("ctx", {}).get("error"), ConfigError):
+        return str(err["ctx"]["error"])
+    msg = re.sub(r"^Input should be", "must be", err["msg"])
+    return f"config key '{loc}' {msg}, got {err.get('input')!r}; set {loc}=<a valid value>"
+
+
+def one_line(e: BaseException) -> str:
+    """An error's message on one line (pydantic's and Hydra's span several)."""
+    if isinstance(e, pydantic.ValidationError):
+        return format_validation_error(e)
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def print_error(message: str) -> None:
+    """`error: <message>` on stderr, once per run: under torchrun only rank 0 prints (every rank meets the same
+    config error), as one write ending in a newline so other processes' output cannot join the line."""
+    if os.environ.get("RANK", "0") == "0":
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.flush()
+
+
+def explain_hydra_error(e: Exception, config_dir: str) -> str:
+    """One line for a Hydra composition error: unknown keys with a close match, bad group choices, bad syntax."""
+    text = str(e).strip()
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        key = unknown.group(1)
+        arch_fields = ()
+        if key.startswith("arch."):
+            try:
+                arch_fields = tuple(_arch_yaml_fields(config_dir)) + tuple(ARCH_RANGES)
+            except Exception:  # noqa: BLE001 - only the suggestion is lost
+                arch_fields = tuple(ARCH_RANGES)
+        if key in PretrainConfig.model_fields:  # a key the yaml leaves unset: Hydra needs it added
+            return f"'{key}' is not in config/cfg_pretrain.yaml, so it is set with a +: +{key}=..."
+        return (f"unknown config key '{key}'{did_you_mean(key, known_keys(arch_fields))} "
+                "(`python pretrain.py --help` lists every key)")
+    missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
+    if missing:
+        group, choice = missing.groups()
+        options = re.findall(r"^\t(\S+)$", text.split("Config search path")[0], flags=re.M)
+        return f"{group}={choice}: there is no config/{group}/{choice}.yaml; choose one of {', '.join(options)}"
+    first = text.splitlines()[0] if text else type(e).__name__
+    if type(e).__name__ == "OverrideParseException":
+        return f"a command-line override is not valid Hydra syntax ({first}); quote lists: 'data_paths=[a,b]'"
+    return one_line(e)
+
+
+def _arch_yaml_fields(config_dir: str) -> List[str]:
+    import yaml
+    fields = set()
+    for name in os.listdir(os.path.join(config_dir, "arch")):
+        if name.endswith(".yaml"):
+            with open(os.path.join(config_dir, "arch", name)) as f:
+                fields |= set(yaml.safe_load(f) or {})
+    return sorted(fields)
+
+
+def check_command_line(config_file: str, argv: List[str]) -> None:
+    """Compose and validate the command line's overrides before Hydra does, so that any config error is one
+    line (`error: ...`) with exit code 2 rather than Hydra's multi-line report. Hydra's own flags (--help,
+    --cfg, -m, ...) are left to Hydra."""
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        compose_config(config_file, argv)
+    except ConfigError as e:
+        print_error(str(e))
+        sys.exit(2)
 
 
 def compose_config(config_file: str, overrides: List[str], fixed: Optional[dict] = None) -> PretrainConfig:
@@ -105,9 +213,7 @@ def compose_config(config_file: str, overrides: List[str], fixed: Optional[dict]
         with initialize_config_dir(config_dir=config_dir, version_base=None):
             cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
     except HydraException as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"override rejected: {reason} (keys: {config_file}; arch choices: "
-                          f"{os.path.join(config_dir, 'arch')})") from None
+        raise ConfigError(f"override rejected: {explain_hydra_error(e, config_dir)}") from None
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw.update(fixed or {})
     return parse_config(raw)
@@ -117,7 +223,14 @@ def parse_config(raw: dict) -> PretrainConfig:
     try:
         config = PretrainConfig(**raw)
     except pydantic.ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None
+        arch_name = (raw.get("arch") or {}).get("name") if isinstance(raw.get("arch"), dict) else None
+        fields = ()
+        if arch_name:
+            try:
+                fields = tuple(model_config_fields(ArchConfig.model_construct(name=arch_name)))
+            except Exception:  # noqa: BLE001 - only the suggestion is lost
+                pass
+        raise ConfigError(format_validation_error(e, fields)) from None
     validate_arch(config.arch)
     return config
 
@@ -139,7 +252,10 @@ def validate_arch(arch: ArchConfig) -> None:
         raise ConfigError(f"arch.name: {e}") from None
     for key in arch.model_extra or {}:
         if key not in known or key in INJECTED_ARCH_FIELDS:
-            raise ConfigError(f"unknown arch field 'arch.{key}' for {arch.name}; known fields: {', '.join(sorted(known - INJECTED_ARCH_FIELDS))}")
+            settable = sorted(known - INJECTED_ARCH_FIELDS)
+            hint = did_you_mean(f"arch.{key}", [f"arch.{f}" for f in settable])
+            raise ConfigError(f"unknown arch field 'arch.{key}' for {arch.name}{hint}; known fields: "
+                              f"{', '.join(settable)}")
 
 
 def check_batch_divides(global_batch_size: int, world_size: int, micro_batch_size: Optional[int]) -> int:

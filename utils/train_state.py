@@ -378,13 +378,6 @@ def warn_if_overwriting(config, dist_info: distributed.DistInfo) -> None:
               "from scratch and replaces them (pass +resume=true to continue it instead)", file=sys.stderr)
 
 
-def check_config(config) -> None:
-    if config.keep_last_checkpoints < 1:
-        raise ConfigError(f"keep_last_checkpoints={config.keep_last_checkpoints} must be at least 1")
-    if config.checkpoint_every_steps is not None and config.checkpoint_every_steps < 1:
-        raise ConfigError(f"checkpoint_every_steps={config.checkpoint_every_steps} must be at least 1 (or null)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Failures: end the process, with its loader workers
 

@@ -1,0 +1,75 @@
+"""Config errors are one line with exit code 2, Hydra's included: unknown keys get a close match ("did you mean
+H_cycles?"), values out of range are refused at start (utils/config.py), and under torchrun the line is printed
+once, on a line of its own."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from utils.config import ConfigError, compose_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+TINY = ["evaluators=[]", "global_batch_size=8", "epochs=1", "eval_interval=1", "arch.hidden_size=16",
+        "arch.num_heads=2", "arch.L_layers=1", "++device=cpu"]
+
+
+def pretrain(data_dir, tmp_path, *overrides, nproc=1):
+    launcher = [sys.executable, "pretrain.py"]
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
+                    "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "pretrain.py"]
+    cmd = launcher + [f"data_paths=[{data_dir}]", *TINY, f"++checkpoint_path={tmp_path / 'ckpt'}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("arch.H_cycle=3", "did you mean H_cycles?"),  # Hydra's error (key not in the yaml)
+    ("+arch.H_cycle=3", "did you mean H_cycles?"),  # added with +: the model's field check
+    ("lrr=1", "did you mean lr?"),
+    ("arch=trmm", "choose one of hrm,"),
+    ("lr=[1", "not valid Hydra syntax"),
+    ("run_name=x", "+run_name"),
+    ("arch.puzzle_emb_ndim=0", "puzzle_emb_len"),  # the model config's own (multi-line pydantic) error
+    ("lr=-1", "'lr' must be greater than or equal to 0"),
+], ids=["hydra-unknown", "plus-unknown", "top-level", "arch-choice", "syntax", "needs-plus", "model", "range"])
+def test_config_error_is_one_line_exit_2(sudoku_dataset, tmp_path, override, fragment):
+    result = pretrain(sudoku_dataset, tmp_path, override)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("lr=-1", "lr"), ("puzzle_emb_lr=-0.1", "puzzle_emb_lr"), ("weight_decay=-1", "weight_decay"),
+    ("puzzle_emb_weight_decay=-1", "puzzle_emb_weight_decay"), ("beta1=1", "beta1"), ("beta2=-0.5", "beta2"),
+    ("ema_rate=1.5", "ema_rate"), ("lr_min_ratio=2", "lr_min_ratio"), ("lr_warmup_steps=-1", "lr_warmup_steps"),
+    ("global_batch_size=0", "global_batch_size"), ("+micro_batch_size=0", "micro_batch_size"),
+    ("epochs=0", "epochs"), ("eval_interval=0", "eval_interval"), ("keep_last_checkpoints=0", "keep_last_checkpoints"),
+    ("checkpoint_every_steps=0", "checkpoint_every_steps"), ("arch.H_cycles=0", "arch.H_cycles"),
+    ("arch.L_cycles=-1", "arch.L_cycles"), ("arch.halt_max_steps=0", "arch.halt_max_steps"),
+    ("arch.halt_exploration_prob=1.5", "arch.halt_exploration_prob"), ("arch.hidden_size=0", "arch.hidden_size"),
+])
+def test_out_of_range_values_are_refused(override, key):
+    with pytest.raises(ConfigError) as info:
+        compose_config(CFG, ["data_paths=[x]", override])
+    message = str(info.value)
+    assert "\n" not in message and key in message and "must be" in message, message
+
+
+def test_valid_edges_are_accepted():
+    config = compose_config(CFG, ["data_paths=[x]", "lr=0", "beta1=0", "ema_rate=1", "lr_min_ratio=0",
+                                  "arch.halt_exploration_prob=1", "arch.H_cycles=1"])
+    assert config.lr == 0 and config.ema_rate == 1
+
+
+def test_torchrun_prints_the_error_once_on_its_own_line(sudoku_dataset, tmp_path):
+    result = pretrain(sudoku_dataset, tmp_path, "global_batch_size=33", nproc=2)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error: " in line and "global_batch_size" in line]
+    assert errors == ["error: global_batch_size=33 is not divisible by the world size 2; choose a multiple of 2"], \
+        result.stderr
