@@ -156,9 +156,9 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
                 dist_info: distributed.DistInfo) -> Optional[dict]:
     """One optimizer step over this rank's rows (in micro-batches), gradients summed over ranks.
     Returns the normalised metrics on rank 0 (REFERENCE.md section 6), None elsewhere or past total_steps."""
-    state.step += 1
-    if state.step > state.total_steps:  # total_steps is an estimate: surplus batches do nothing
+    if state.step >= state.total_steps:  # surplus batch: no update, and the step count stays = updates done
         return None
+    state.step += 1
     state.model.train()
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
 
@@ -283,10 +283,13 @@ def run(hydra_config: DictConfig) -> None:
     sets = train_metadata.sets
     for iter_id in range(state.passes_done // len(sets), total_iters):  # a resumed run continues its iteration
         for set_name, batch, global_batch_size in train_loader:
+            if state.step >= state.total_steps:
+                # total_steps is an estimate from the dataset's mean puzzle size; the loader may yield more
+                # batches (ARC's group-weighted sampling). The surplus is not trained on, and the run ends with
+                # this iteration, so the last checkpoint is named after the optimizer steps taken.
+                break
             train_state.note_batch(state, iter_id, sets.index(set_name), len(sets))
             metrics = train_batch(config, state, batch, global_batch_size, dist_info)
-            if state.step > state.total_steps:
-                break
             if state.ema is not None:
                 state.ema.update(state.model)
             if dist_info.is_main and metrics is not None:
@@ -301,6 +304,7 @@ def run(hydra_config: DictConfig) -> None:
                 finish(bar, config)
                 sys.exit(128 + signum)
         train_state.note_iteration_end(state, iter_id, len(sets))
+        last_iter = iter_id == total_iters - 1 or state.step >= state.total_steps
 
         if iter_id >= (config.min_eval_interval or 0):
             eval_model = evaluation_model(state, config.eval_compile)
@@ -312,11 +316,13 @@ def run(hydra_config: DictConfig) -> None:
                 if dist_info.is_main and metrics is not None:
                     bar.write(f"step {state.step} eval: {metrics}")
                     wandb_logging.log(metrics, step=state.step)
-            if dist_info.is_main and (config.checkpoint_every_eval or iter_id == total_iters - 1):
+            if dist_info.is_main and (config.checkpoint_every_eval or last_iter):
                 weights_file = os.path.join(config.checkpoint_path, f"step_{state.step}")
                 save_model_state(eval_model, weights_file, state.compiled)
                 write_checkpoint_description(weights_file, config, train_metadata, state.step)
         train_state.save(config, dist_info, state)
+        if last_iter:
+            break
 
     stop.uninstall()
     finish(bar, config)

@@ -213,3 +213,22 @@ def test_baseline_switches():
     assert torch.equal(outputs["actual_steps"], carry.steps)
     carry, outputs = run(False)
     assert not carry.halted.any() and "actual_steps" not in outputs
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_carry_survives_a_training_state_round_trip(name, tmp_path):
+    # Exact resume saves the ACT carries: each variant's own carry must come back as it was and continue alike.
+    from utils.train_state import carry_from_plain, carry_to_plain
+
+    model, trace = load_model(name)
+    batch = trace["batch"]
+    model.train()
+    with torch.no_grad():
+        carry, *_ = model(return_keys=[], carry=model.initial_carry(batch), batch=batch)
+    torch.save(carry_to_plain(carry), tmp_path / "carry.pt")
+    restored = carry_from_plain(torch.load(tmp_path / "carry.pt", weights_only=True), model, torch.device("cpu"))
+    assert type(restored.inner_carry) is type(carry.inner_carry)
+    with torch.no_grad():
+        outs = [model(return_keys=OUTPUT_KEYS, carry=c, batch=batch) for c in (carry, restored)]
+    for k in OUTPUT_KEYS:
+        assert torch.equal(outs[0][3][k], outs[1][3][k]), k
