@@ -239,3 +239,39 @@ def test_pretrain_checkpoint_evaluates_with_no_overrides(sudoku_dataset, tmp_pat
     assert f"Architecture (from {description_path(weights)})" in out
     assert "Not determinable" not in out
     np.testing.assert_equal(read_report(tmp_path / "eval")["metrics"]["all"]["steps"], arch["halt_max_steps"])
+
+
+@pytest.mark.parametrize("arch_name", ["trm", "trm_mlp", "trm_singlez", "trm_hier6", "hrm", "transformers_baseline"])
+def test_every_arch_file_round_trips_through_its_description(sudoku_dataset, tmp_path, arch_name):
+    """Weights + step_<N>.config.yaml as pretrain.py writes them rebuild the same model with no overrides."""
+    from models.build import build_model
+    from utils.checkpoint import save_model_state
+    from utils.config import compose_config
+    from utils.model_loader import DEFAULT_CONFIG_FILE, write_checkpoint_description
+
+    fields = compose_config(DEFAULT_CONFIG_FILE, [f"arch={arch_name}"], fixed=dict(data_paths=[])).arch.model_dump()
+    small = {"hidden_size": 32, "num_heads": 2, "expansion": 2, "H_layers": 1, "L_layers": 1, "H_cycles": 2,
+             "L_cycles": 3, "halt_max_steps": 2, "puzzle_emb_len": 1}
+    overrides = [f"arch={arch_name}"] + [f"arch.{k}={v}" for k, v in small.items() if k in fields]
+    if fields.get("mlp_t"):
+        overrides.append("arch.pos_encodings=none")
+    config = compose_config(DEFAULT_CONFIG_FILE, overrides, fixed=dict(data_paths=[sudoku_dataset]))
+    metadata = load_metadata(sudoku_dataset, "train")
+    torch.manual_seed(0)
+    model = build_model(config.arch, metadata, batch_size=4, device=torch.device("cpu"))
+    weights = str(tmp_path / "step_7")
+    save_model_state(model, weights, compiled=True)
+    write_checkpoint_description(weights, config, metadata, step=7)
+
+    loaded = load_model_from_checkpoint(weights, dataset_metadata=load_metadata(sudoku_dataset, "test"),
+                                        batch_size=4, verbose=False)
+    assert loaded.config.arch.model_dump() == config.arch.model_dump()
+    assert loaded.arch_source == description_path(weights)
+    saved = model.state_dict()
+    for key, value in loaded.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    # The weights alone, with this arch file named, load too (nothing in the file contradicts them).
+    os.remove(description_path(weights))
+    again = load_model_from_checkpoint(weights, dataset_metadata=loaded.metadata, overrides=overrides, batch_size=4,
+                                       verbose=False)
+    assert again.config.arch.model_dump() == config.arch.model_dump()

@@ -28,6 +28,7 @@ from models.layers import swiglu_intermediate_size
 from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, strip_prefixes,
                               unwrap)
 from utils.config import ArchConfig, ConfigError, PretrainConfig, compose_config, validate_arch
+from utils.functions import load_model_class
 from utils.hub import resolve_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,7 +97,7 @@ def write_checkpoint_description(checkpoint_file: str, config: PretrainConfig, m
 class WeightFacts:
     hidden_size: int
     vocab_size: int
-    L_layers: int
+    stack_layers: Dict[str, int]  # blocks per stack present in the weights: {"L_layers": n, "H_layers": m}
     mlp_t: bool
     learned_positions: bool
     puzzle_emb_ndim: int
@@ -111,7 +112,12 @@ def read_weight_facts(state_dict: Dict[str, torch.Tensor], source: str) -> Weigh
     if embed is None or embed.dim() != 2:
         raise CheckpointError(f"{source} has no {_INNER}embed_tokens.embedding_weight: it is not a TRM checkpoint "
                               f"written by this project or the reference; pass arch=<name> for other models")
-    layer_ids = {int(m.group(1)) for k in sd for m in [re.match(re.escape(_INNER) + r"L_level\.layers\.(\d+)\.", k)] if m}
+    stacks: Dict[str, set] = {}
+    for key in sd:
+        m = re.match(re.escape(_INNER) + r"([HL])_level\.layers\.(\d+)\.", key)
+        if m:
+            stacks.setdefault(f"{m.group(1)}_layers", set()).add(int(m.group(2)))
+    first_block = next((f"{_INNER}{level}_level.layers.0." for level in ("L", "H") if f"{level}_layers" in stacks), "")
     mlp_t = any(".mlp_t." in k for k in sd)
     table = sd.get(_INNER + "puzzle_emb.weights")
     pos = sd.get(_INNER + "embed_pos.embedding_weight")
@@ -119,19 +125,30 @@ def read_weight_facts(state_dict: Dict[str, torch.Tensor], source: str) -> Weigh
     if pos is not None:
         total_len = pos.shape[0]
     elif mlp_t:
-        down = sd.get(_INNER + "L_level.layers.0.mlp_t.down_proj.weight")
+        down = sd.get(first_block + "mlp_t.down_proj.weight")
         total_len = down.shape[0] if down is not None else None
-    gate = sd.get(_INNER + "L_level.layers.0.mlp.gate_up_proj.weight")
+    gate = sd.get(first_block + "mlp.gate_up_proj.weight")
     return WeightFacts(hidden_size=embed.shape[1], vocab_size=embed.shape[0],
-                       L_layers=max(layer_ids) + 1 if layer_ids else 0, mlp_t=mlp_t, learned_positions=pos is not None,
+                       stack_layers={k: max(v) + 1 for k, v in stacks.items()}, mlp_t=mlp_t, learned_positions=pos is not None,
                        puzzle_emb_ndim=table.shape[1] if table is not None else 0,
                        puzzle_rows=table.shape[0] if table is not None else None, total_len=total_len,
                        intermediate=gate.shape[0] // 2 if gate is not None else None)
 
 
+def _class_fields(arch: dict) -> dict:
+    """The model class's config fields (name -> pydantic field), {} when the class cannot be imported."""
+    try:
+        return dict(load_model_class(arch["name"]).config_class.model_fields)
+    except (KeyError, ValueError, AttributeError):
+        return {}
+
+
 def _prefix_len(arch: dict) -> int:
-    """Puzzle-prefix positions an arch builds (puzzle_emb_len 0 means as many as the embedding needs)."""
-    ndim, length = int(arch.get("puzzle_emb_ndim", 0)), int(arch.get("puzzle_emb_len", 16))
+    """Puzzle-prefix positions an arch builds (puzzle_emb_len 0, or a class without the field, means as many as
+    the embedding needs)."""
+    field_info = _class_fields(arch).get("puzzle_emb_len")
+    default = field_info.default if field_info is not None else 0
+    ndim, length = int(arch.get("puzzle_emb_ndim", 0)), int(arch.get("puzzle_emb_len", default))
     if length == 0:
         return math.ceil(ndim / int(arch["hidden_size"])) if ndim else 0
     return length
@@ -158,7 +175,7 @@ def _square_grid_prefix(facts: WeightFacts, configured: int) -> int:
 
 def infer_arch(facts: WeightFacts, arch: dict, seq_len: Optional[int]) -> Tuple[dict, List[str]]:
     """The settings the weights determine, as arch fields, and the names of those taken from `arch` unseen."""
-    inferred = {"hidden_size": facts.hidden_size, "L_layers": facts.L_layers, "mlp_t": facts.mlp_t,
+    inferred = {"hidden_size": facts.hidden_size, **facts.stack_layers, "mlp_t": facts.mlp_t,
                 "puzzle_emb_ndim": facts.puzzle_emb_ndim}
     assumed = ["H_cycles", "L_cycles", "halt_max_steps"]
     if facts.learned_positions:
@@ -184,6 +201,10 @@ def infer_arch(facts: WeightFacts, arch: dict, seq_len: Optional[int]) -> Tuple[
         assumed.append("puzzle_emb_len")
     else:
         assumed.append("puzzle_emb_len")
+    known = _class_fields(arch)
+    if known:  # e.g. HRM has no puzzle_emb_len, the transformer baseline no mlp_t
+        inferred = {k: v for k, v in inferred.items() if k in known}
+        assumed = [k for k in assumed if k in known]
     return inferred, assumed
 
 
@@ -198,8 +219,9 @@ def weight_conflicts(facts: WeightFacts, arch: dict, seq_len: Optional[int]) -> 
         out.append(f"arch.hidden_size={arch.get('hidden_size')} (the width differs: the weights are "
                    f"{facts.hidden_size} wide, {_INNER}embed_tokens.embedding_weight is "
                    f"{[facts.vocab_size, facts.hidden_size]})")
-    if int(arch.get("L_layers", -1)) != facts.L_layers:
-        differs("L_layers", facts.L_layers, "the weights have blocks:")
+    for key, blocks in facts.stack_layers.items():
+        if int(arch.get(key, -1)) != blocks:
+            differs(key, blocks, "the weights have blocks:")
     if bool(arch.get("mlp_t", False)) != facts.mlp_t:
         differs("mlp_t", facts.mlp_t, "the weights are" if facts.mlp_t else "the weights have attention, mlp_t")
     if (arch.get("pos_encodings") == "learned") != facts.learned_positions:

@@ -14,12 +14,10 @@ import numpy as np
 import torch
 
 from dataset.common import PuzzleDatasetMetadata
-from models.build import build_model
 from puzzle_dataset import load_metadata
 from utils import inference
-from utils.checkpoint import load_model_state, read_state_dict
 from utils.config import compose_config
-from utils.hub import resolve_checkpoint
+from utils.model_loader import load_model_from_checkpoint
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml")
@@ -47,20 +45,18 @@ class LoadedModel:
 
 def load_for_inference(checkpoint: str, dataset: str, overrides: Sequence[str] = (), device: Optional[str] = None,
                        config_file: str = DEFAULT_CONFIG) -> LoadedModel:
-    """Build the model for `dataset`'s test split from the config (+ Hydra `overrides` setting the checkpoint's
-    architecture), load `checkpoint` (a step_<N> file or hf://owner/repo[/file]) as the eval runner does, and put it
-    in eval mode on `device` (default: CUDA when available)."""
+    """The model of `checkpoint` (a step_<N> file or hf://owner/repo[/file]) for `dataset`'s test split, built and
+    loaded as the eval runner does (utils/model_loader.py: the architecture from the checkpoint's saved config or
+    its weights; Hydra `overrides` win), in eval mode on `device` (default: CUDA when available)."""
     config = compose_config(config_file, list(overrides), fixed=dict(data_paths=[dataset], data_paths_test=[]))
     metadata = load_metadata(dataset, "test")
     task = inference.task_kind(metadata)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} asked for, but torch sees no CUDA device; use --device cpu")
-    path = resolve_checkpoint(checkpoint)
     torch.manual_seed(config.seed)
-    model = build_model(config.arch, metadata, batch_size=1, device=dev)
-    load_model_state(model, read_state_dict(path), resize_puzzle_table=False, source=path)
-    model.eval()
+    model = load_model_from_checkpoint(checkpoint, dataset_metadata=metadata, overrides=overrides, device=dev,
+                                       batch_size=1, config=config, config_file=config_file).model
     names_path = os.path.join(dataset, "identifiers.json")
     identifiers = ["<blank>"]
     if os.path.isfile(names_path):
