@@ -21,8 +21,8 @@ with open(os.path.join(FIXTURES, "variants.json")) as f:
 NAMES = sorted(SPECS)
 
 
-def build(spec):
-    return ACTLossHead(load_model_class(spec["name"])(spec["arch"]), loss_type=spec["loss_type"])
+def build(spec, **arch):
+    return ACTLossHead(load_model_class(spec["name"])({**spec["arch"], **arch}), loss_type=spec["loss_type"])
 
 
 def load(name):
@@ -32,10 +32,10 @@ def load(name):
     return spec, state, trace
 
 
-def load_model(name):
+def load_model(name, **arch):
     spec, state, trace = load(name)
     assert all(k.startswith("_orig_mod.model.inner.") for k in state)  # saved from a compiled model
-    model = build(spec)
+    model = build(spec, **arch)
     model.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
     return model, trace
 
@@ -73,9 +73,10 @@ def test_eval_steps_match_reference(name):
             assert bool(all_halted) == (i == len(trace["eval_steps"]) - 1)
 
 
+@pytest.mark.parametrize("recompute", [False, True])  # the memory switch must not change the maths
 @pytest.mark.parametrize("name", NAMES)
-def test_train_steps_match_reference(name):
-    model, trace = load_model(name)
+def test_train_steps_match_reference(name, recompute):
+    model, trace = load_model(name, recompute=recompute)
     batch_size = trace["batch"]["inputs"].shape[0]
     local_weights = model.model.inner.puzzle_emb.local_weights
     params = dict(model.named_parameters())

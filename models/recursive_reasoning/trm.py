@@ -138,15 +138,16 @@ class TRMBlock(nn.Module):
 
 
 class ReasoningModule(nn.Module):
-    """The shared network: add the injection, then run every block."""
+    """The shared network: add the injection (None: nothing to add), then run every block."""
 
     def __init__(self, layers):
         super().__init__()
         self.layers = nn.ModuleList(layers)  # `layers`: checkpoint key name
         self.recompute = False  # set from the config's `recompute` by TRMInner
 
-    def forward(self, h: torch.Tensor, injection: torch.Tensor, cos_sin: Optional[CosSin]) -> torch.Tensor:
-        h = h + injection
+    def forward(self, h: torch.Tensor, injection: Optional[torch.Tensor], cos_sin: Optional[CosSin]) -> torch.Tensor:
+        if injection is not None:
+            h = h + injection
         # Only where a backward will follow (the gradient cycle in training): no_grad cycles store nothing.
         recompute = self.recompute and torch.is_grad_enabled()
         for layer in self.layers:

@@ -33,9 +33,7 @@ class SingleZInner(trm.TRMInner):
         z_L = carry.z_L
         for _ in range(self.config.L_cycles):
             z_L = self.L_level(z_L, x, cos_sin)
-        # The step that updates z_H in TRM: the same blocks without the input.
-        for layer in self.L_level.layers:
-            z_L = layer(z_L, cos_sin)
+        z_L = self.L_level(z_L, None, cos_sin)  # the step that updates z_H in TRM: the blocks without the input
         return SingleZCarry(z_L=z_L)
 
     def answer_state(self, carry: SingleZCarry) -> torch.Tensor:
