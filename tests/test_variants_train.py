@@ -1,7 +1,7 @@
 """Each of the four other architectures trains through pretrain.py on the CPU (the loss falls) and its
 checkpoint evaluates through scripts/run_eval_only.py to the metrics of the run's final evaluation. HRM's
 training step includes its target-Q pass (q_continue_loss is logged); EMA and gradient accumulation are
-exercised on one variant each."""
+exercised on one variant each, exact resume on HRM."""
 
 import json
 import os
@@ -47,3 +47,31 @@ def test_variant_trains_and_its_checkpoint_evaluates(arch, sudoku_dataset, tmp_p
         metrics = json.load(f)["metrics"]["all"]
     for key in ("accuracy", "exact_accuracy", "lm_loss"):
         assert metrics[key] == pytest.approx(evals[STEPS][key], rel=1e-5, abs=1e-6), key
+
+
+def test_hrm_sigterm_then_resume_is_exact(make_sudoku_dataset, tmp_path):
+    # HRM's carry and its extra target-Q pass go through the training-state checkpoint like TRM's: a run stopped
+    # by SIGTERM and resumed logs the same metrics and ends with the same weights as an uninterrupted one.
+    import signal
+
+    import torch
+
+    from test_resume import interrupt, metrics, run, state_steps, train_lines
+
+    data = make_sudoku_dataset(64, 16, 30)
+    args = [f"data_paths=[{data}]", "evaluators=[]", "global_batch_size=8", "epochs=2", "eval_interval=1",
+            "lr=1e-3", "lr_warmup_steps=2", "ema=True", "arch=hrm", *SMALL, "arch.H_layers=1", "arch.L_layers=1",
+            "arch.halt_max_steps=3", "arch.halt_exploration_prob=0.5", "++device=cpu", "++metrics_jsonl=true"]
+    command = lambda path, *extra: [sys.executable, "pretrain.py", *args, f"++checkpoint_path={path}", *extra]
+    ref, path = str(tmp_path / "ref"), str(tmp_path / "run")
+    run(command(ref))
+    proc = interrupt(command(path), ready=lambda: train_lines(path) >= 4, sig=signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr_text[-3000:]
+    (stopped_at,) = state_steps(path)
+    assert 4 <= stopped_at < 16
+    run(command(path, "++resume=true"))
+    assert metrics(path) == metrics(ref)
+    assert any("train/q_continue_loss" in row for row in metrics(ref))
+    load = lambda d: torch.load(os.path.join(d, "step_16"), map_location="cpu", weights_only=True)
+    a, b = load(path), load(ref)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
