@@ -82,3 +82,16 @@ def test_early_exit_ignores_padding_rows():
     assert eval_steps(model, batch, says_halt) == 1
     one_real_row_continues = torch.tensor([1.0, -1.0, 1.0, 1.0])
     assert eval_steps(loss_head(halt_max_steps=4), batch, one_real_row_continues) == 4  # halt_max_steps
+
+
+def test_evaluation_model_switch_on_cpu():
+    """`eval_compile` picks the compiled wrapper only on CUDA; on CPU, or with the switch off, the plain module."""
+    import pretrain
+    from utils.checkpoint import unwrap
+
+    plain = loss_head()
+    state = pretrain.TrainState(model=torch.compile(plain), optimizers=[], base_lrs=[], carries=[None], step=0,
+                                total_steps=1, micro_batch_size=4, compiled=True)
+    assert pretrain.evaluation_model(state, compile_eval=False) is plain
+    assert pretrain.evaluation_model(state, compile_eval=True) is plain  # CPU: eager
+    assert unwrap(state.model) is plain and state.eval_compiled is None
