@@ -34,14 +34,12 @@ from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
 from utils import distributed
-from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, save_model_state,
-                              unwrap)
+from utils.checkpoint import CheckpointError, atomic_write_text, save_model_state, unwrap
 from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_command_line, check_data_paths,
                           one_line, parse_config, print_error)
 from utils.evaluation import evaluate
 from utils.functions import get_model_source_path, load_model_class
-from utils.hub import resolve_checkpoint
-from utils.model_loader import write_checkpoint_description
+from utils.model_loader import load_weights_for_training, write_checkpoint_description
 from utils.schedule import cosine_schedule_with_warmup_lr
 from utils import train_state, wandb_logging
 
@@ -122,9 +120,8 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
         num_params = sum(p.numel() for p in model.parameters())
         print(f"Model: {config.arch.name}, {num_params:,} parameters (puzzle table excluded), device {dist_info.device}")
         if config.load_checkpoint and not resuming:
-            path = resolve_checkpoint(config.load_checkpoint)
-            print(f"Loading checkpoint {path}")
-            load_model_state(model, read_state_dict(path), resize_puzzle_table=True, source=path)
+            print(f"Loading checkpoint {config.load_checkpoint}")
+            load_weights_for_training(model, config.load_checkpoint, config.arch, train_metadata.seq_len)
     distributed.broadcast_module(model)
 
     compiled = (config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE"))

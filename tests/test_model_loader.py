@@ -275,3 +275,13 @@ def test_every_arch_file_round_trips_through_its_description(sudoku_dataset, tmp
     again = load_model_from_checkpoint(weights, dataset_metadata=loaded.metadata, overrides=overrides, batch_size=4,
                                        verbose=False)
     assert again.config.arch.model_dump() == config.arch.model_dump()
+
+
+def test_fine_tuning_from_weights_of_another_width_is_one_line(sudoku_dataset, tmp_path):
+    ckpt = place("trm_mlpt_small", tmp_path / "start")  # 64 wide
+    env = {k: v for k, v in ENV.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "pretrain.py", f"data_paths=[{sudoku_dataset}]", "evaluators=[]",
+                           f"+checkpoint_path={tmp_path / 'run'}", f"+load_checkpoint={ckpt}", "global_batch_size=32",
+                           "epochs=1", "eval_interval=1", *[f"arch.{k}={v}" for k, v in TRAIN_ARCH.items()]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert_one_error_line(proc.returncode, proc.stderr, "load_checkpoint", "arch.hidden_size=32", "64 wide")

@@ -241,6 +241,20 @@ def weight_conflicts(facts: WeightFacts, arch: dict, seq_len: Optional[int]) -> 
     return out
 
 
+def load_weights_for_training(model: torch.nn.Module, checkpoint: str, arch: ArchConfig, seq_len: int) -> str:
+    """Fine-tuning start (pretrain.py load_checkpoint): the training config names the architecture; weights that
+    it cannot hold are refused with one line naming the settings, and a puzzle table of another size is replaced
+    by its row mean. Returns the local checkpoint file."""
+    checkpoint_file = resolve_checkpoint(checkpoint)
+    state_dict = read_state_dict(checkpoint_file)
+    conflicts = weight_conflicts(read_weight_facts(state_dict, checkpoint_file), arch.model_dump(), seq_len)
+    if conflicts:
+        raise CheckpointError(f"load_checkpoint={checkpoint} does not match the training config: {'; '.join(conflicts)}; "
+                              f"set these arch keys to the weights' values")
+    load_model_state(model, state_dict, resize_puzzle_table=True, source=checkpoint_file)
+    return checkpoint_file
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The loader
 
