@@ -34,7 +34,8 @@ fi
 checkpoint=$(ls -1 "$RUN_DIR"/step_* 2>/dev/null | grep -v _all_preds | sort -t_ -k2 -n | tail -n 1 || true)
 if [ -z "$checkpoint" ]; then
     echo "== Training (config/cfg_quickstart.yaml)"
-    $PY pretrain.py --config-name cfg_quickstart data_paths="[$DATA]" +run_name=quickstart +checkpoint_path="$RUN_DIR"
+    $PY pretrain.py --config-name cfg_quickstart data_paths="[$DATA]" +run_name=quickstart +checkpoint_path="$RUN_DIR" \
+        metrics_jsonl=True
     checkpoint=$(ls -1 "$RUN_DIR"/step_* | grep -v _all_preds | sort -t_ -k2 -n | tail -n 1)
 fi
 
@@ -48,3 +49,13 @@ ci = report["wilson_95"]["all.exact_accuracy"]
 print(f"Quick start: exact accuracy {100 * ci['p']:.1f}% (95% CI {100 * ci['lo']:.1f}-{100 * ci['hi']:.1f}%) on "
       f"{ci['n']} held-out Sudoku puzzles with {sys.argv[2]} blanks; checkpoint {sys.argv[3]}, outputs in {sys.argv[1].rsplit('/', 1)[0]}")
 PYEOF
+cat <<EOF
+See what the model predicted after each ACT step (8 recorded puzzles, $RUN_DIR/eval/visualizer.json):
+  from disk: open visualizers/sudoku_visualizer.html in a browser, choose $RUN_DIR/eval/visualizer.json
+  served:    $PY scripts/serve.py --config config/cfg_quickstart.yaml --checkpoint $checkpoint \\
+                 --dataset $DATA --outputs $RUN_DIR/eval arch.halt_max_steps=16
+             then open http://127.0.0.1:8000/sudoku_visualizer.html
+EOF
+if [ -f "$RUN_DIR/metrics.jsonl" ]; then
+    $PY scripts/plot_metrics.py "$RUN_DIR/metrics.jsonl" | sed 's/^Plotted/Training curves: plotted/'
+fi

@@ -37,6 +37,10 @@ fi
 echo "Installing requirements"
 "$VPY" -m pip install -q -r requirements.txt
 if [ "${1:-}" = "test" ]; then
-    "$VPY" -m pip install -q pytest
+    # Test-only: the browser tests drive Chromium through Playwright's Python client (the browser is the
+    # system's chromium, which .ci/run installs; Playwright's own browser download is not used).
+    "$VPY" -m pip install -q pytest playwright
+    # Optional: with the modal client the tests also check infra/modal_app.py's Modal functions.
+    "$VPY" -m pip install -q modal || echo "modal could not be installed: tests check infra/modal_app.py without it"
 fi
 touch "$stamp"
