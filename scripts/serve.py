@@ -42,7 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-def create_app(loaded: serving.LoadedModel, outputs_dir: Optional[str] = None):
+def create_app(loaded: serving.ServingModel, outputs_dir: Optional[str] = None):
     """The FastAPI app over one loaded model (and, optionally, one folder of saved outputs)."""
     from fastapi import FastAPI, Request
     from fastapi.middleware.cors import CORSMiddleware

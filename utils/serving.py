@@ -32,7 +32,7 @@ class RequestError(ValueError):
 
 
 @dataclasses.dataclass
-class LoadedModel:
+class ServingModel:
     model: torch.nn.Module
     metadata: PuzzleDatasetMetadata  # of the dataset's test split: vocabulary, length, puzzle table
     task: str
@@ -44,10 +44,10 @@ class LoadedModel:
 
 
 def load_for_inference(checkpoint: str, dataset: str, overrides: Sequence[str] = (), device: Optional[str] = None,
-                       config_file: str = DEFAULT_CONFIG) -> LoadedModel:
-    """The model of `checkpoint` (a step_<N> file or hf://owner/repo[/file]) for `dataset`'s test split, built and
-    loaded as the eval runner does (utils/model_loader.py: the architecture from the checkpoint's saved config or
-    its weights; Hydra `overrides` win), in eval mode on `device` (default: CUDA when available)."""
+                       config_file: str = DEFAULT_CONFIG) -> ServingModel:
+    """The model of `checkpoint` (a step_<N> file or hf://owner/repo[/file]) for `dataset`'s test split, through the
+    project's one loader (architecture from the checkpoint's saved description, Hydra `overrides` winning), in
+    eval mode on `device` (default: CUDA when available)."""
     config = compose_config(config_file, list(overrides), fixed=dict(data_paths=[dataset], data_paths_test=[]))
     metadata = load_metadata(dataset, "test")
     task = inference.task_kind(metadata)
@@ -55,17 +55,17 @@ def load_for_inference(checkpoint: str, dataset: str, overrides: Sequence[str] =
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} asked for, but torch sees no CUDA device; use --device cpu")
     torch.manual_seed(config.seed)
-    model = load_model_from_checkpoint(checkpoint, dataset_metadata=metadata, overrides=overrides, device=dev,
-                                       batch_size=1, config=config, config_file=config_file).model
+    loaded = load_model_from_checkpoint(checkpoint, dataset_metadata=metadata, overrides=overrides, device=dev,
+                                        batch_size=1, config=config, config_file=config_file)
     names_path = os.path.join(dataset, "identifiers.json")
     identifiers = ["<blank>"]
     if os.path.isfile(names_path):
         with open(names_path) as f:
             identifiers = json.load(f)
-    return LoadedModel(model, metadata, task, dev, checkpoint, dataset, identifiers)
+    return ServingModel(loaded.model, metadata, task, dev, checkpoint, dataset, identifiers)
 
 
-def _resolve_identifier(loaded: LoadedModel, request: Dict) -> int:
+def _resolve_identifier(loaded: ServingModel, request: Dict) -> int:
     """The puzzle identifier a request names (number or name); ARC needs a trained one, never the blank 0."""
     value = request.get("puzzle_identifier", request.get("puzzle_name"))
     if loaded.task != "arc":
@@ -90,7 +90,7 @@ def _resolve_identifier(loaded: LoadedModel, request: Dict) -> int:
     return number
 
 
-def predict_grid(loaded: LoadedModel, request: Dict) -> Dict:
+def predict_grid(loaded: ServingModel, request: Dict) -> Dict:
     """POST /predict: {"grid": rows, "task": optional, "puzzle_identifier": ARC only} -> every ACT step's prediction
     and sigmoid(q_halt), the final prediction, and the prediction's tokens."""
     if not isinstance(request, dict):
