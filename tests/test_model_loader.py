@@ -270,6 +270,10 @@ def test_every_arch_file_round_trips_through_its_description(sudoku_dataset, tmp
     saved = model.state_dict()
     for key, value in loaded.model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+    # Naming the arch file as well keeps the saved values (L_cycles 3, not the file's).
+    named = load_model_from_checkpoint(weights, dataset_metadata=loaded.metadata, overrides=[f"arch={arch_name}"],
+                                       batch_size=4, verbose=False)
+    assert named.config.arch.model_dump() == config.arch.model_dump()
     # The weights alone, with this arch file named, load too (nothing in the file contradicts them).
     os.remove(description_path(weights))
     again = load_model_from_checkpoint(weights, dataset_metadata=loaded.metadata, overrides=overrides, batch_size=4,

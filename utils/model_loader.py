@@ -10,7 +10,7 @@ Where the architecture comes from, first match wins:
      read from the tensors' names and shapes. The rest (cycle counts, halting steps, heads) cannot be seen in the
      weights and is taken from the config file; one printed line says which values were assumed.
 Explicit `arch.<key>=<value>` overrides win over all three; `arch=<name>` selects config/arch/<name>.yaml as a
-whole. An override that contradicts the weights is refused with one line (CheckpointError)."""
+whole, except that a saved config of the same class keeps its values. An override that contradicts the weights is refused with one line (CheckpointError)."""
 
 import hashlib
 import math
@@ -344,8 +344,8 @@ def load_model_from_checkpoint(checkpoint: str, *, dataset_metadata: Optional[Pu
     saved, data, saved_path = find_description(checkpoint_file)
     seq_len = dataset_metadata.seq_len if dataset_metadata is not None else (data or {}).get("seq_len")
     assumed: Dict[str, object] = {}
-    if whole:
-        arch = composed  # arch=<name>: the user names the whole architecture
+    if whole and not (saved is not None and saved.get("name") == composed.get("name")):
+        arch = composed  # arch=<name> of another class than the saved one: the user names the whole architecture
         source = "the arch file selected on the command line"
     elif saved is not None:
         arch = {**saved, **{k: composed[k] for k in explicit if k in composed}}
