@@ -36,7 +36,7 @@ from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_work
 from utils import distributed
 from utils.checkpoint import CheckpointError, atomic_write_text, save_model_state, unwrap
 from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_command_line, check_data_paths,
-                          one_line, parse_config, print_error)
+                          one_line, parse_config, print_error, shell_safe)
 from utils.evaluation import evaluate
 from utils.functions import get_model_source_path, load_model_class
 from utils.model_loader import load_weights_for_training, write_checkpoint_description
@@ -67,9 +67,9 @@ class TrainState:
 def fill_run_names(config: PretrainConfig) -> PretrainConfig:
     """Rank 0 names the run as the reference does; the names are then broadcast to every rank."""
     if config.project_name is None:
-        config.project_name = f"{os.path.basename(config.data_paths[0].rstrip('/')).capitalize()}-ACT-torch"
-    if config.run_name is None:
-        config.run_name = f"{config.arch.name.split('@')[-1]} {coolname.generate_slug(2)}"
+        config.project_name = shell_safe(f"{os.path.basename(config.data_paths[0].rstrip('/')).capitalize()}-ACT-torch")
+    if config.run_name is None:  # `<model class>-<two words>`, no space (the reference's had one)
+        config.run_name = shell_safe(f"{config.arch.name.split('@')[-1]}-{coolname.generate_slug(2)}")
     if config.checkpoint_path is None:
         config.checkpoint_path = os.path.join("checkpoints", config.project_name, config.run_name)
     return config
@@ -239,6 +239,7 @@ def setup(hydra_config: DictConfig):
         raise ConfigError(f"epochs={config.epochs} must be a multiple of eval_interval={config.eval_interval}")
 
     config = distributed.broadcast_object(fill_run_names(config) if dist_info.is_main else None)
+    train_state.refuse_existing_run(config, dist_info)
     torch.manual_seed(config.seed + dist_info.rank)
 
     epochs_per_iter = config.eval_interval if config.eval_interval is not None else config.epochs
@@ -256,8 +257,6 @@ def setup(hydra_config: DictConfig):
     state = create_train_state(config, train_metadata, dist_info, resuming=resume_from is not None)
     if resume_from is not None:  # before the train loader's first iterator: it sets the loader's position
         train_state.restore(resume_from, config, dist_info, state, train_loader.dataset)
-    elif not config.resume:
-        train_state.warn_if_overwriting(config, dist_info)
     return config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state
 
 

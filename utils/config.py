@@ -104,6 +104,23 @@ class PretrainConfig(pydantic.BaseModel):
     checkpoint_every_steps: Optional[int] = Field(None, ge=1)  # also write a training-state checkpoint every N steps
     metrics_jsonl: bool = False  # rank 0 also appends every logged metrics dict to <checkpoint_path>/metrics.jsonl
 
+    @pydantic.field_validator("run_name", "project_name")
+    @classmethod
+    def _shell_safe_name(cls, name: Optional[str], info: pydantic.ValidationInfo) -> Optional[str]:
+        # They name the checkpoint folder: a space or quote would break the printed path in a shell.
+        if name is not None and not SHELL_SAFE.fullmatch(name):
+            raise ConfigError(f"{info.field_name}={name!r} is not a usable name: use letters, digits and . _ - + = @ , only "
+                              f"(e.g. {shell_safe(name).strip('-') or 'my-run'!r})")
+        return name
+
+
+SHELL_SAFE = re.compile(r"[A-Za-z0-9._+=@,-]+")  # characters a shell takes literally, unquoted
+
+
+def shell_safe(name: str) -> str:
+    """`name` with every run of other characters replaced by '-', so a printed checkpoint path can be pasted."""
+    return re.sub(r"[^A-Za-z0-9._+=@,-]+", "-", name)
+
 
 def did_you_mean(key: str, known) -> str:
     """' did you mean H_cycles?' for a close match of `key` among `known` (dotted keys), else ''."""

@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -372,10 +373,21 @@ def rewind_metrics_file(checkpoint_path: str, step: int) -> None:
     os.replace(tmp, path)
 
 
-def warn_if_overwriting(config, dist_info: distributed.DistInfo) -> None:
-    if dist_info.is_main and not config.resume and _step_folders(state_root(config.checkpoint_path)):
-        print(f"note: {state_root(config.checkpoint_path)} holds training states of an earlier run; this run starts "
-              "from scratch and replaces them (pass +resume=true to continue it instead)", file=sys.stderr)
+def refuse_existing_run(config, dist_info: distributed.DistInfo) -> None:
+    """A run without +resume=true must start in a folder no other run has written to: mixing two runs'
+    checkpoints in one folder would make `step_*` and resume pick up the wrong run's files. Rank 0 looks, every
+    rank raises the same ConfigError."""
+    problem = None
+    if dist_info.is_main and not config.resume and os.path.isdir(config.checkpoint_path):
+        entries = os.listdir(config.checkpoint_path)
+        if (_step_folders(state_root(config.checkpoint_path)) or "all_config.yaml" in entries
+                or any(re.fullmatch(r"step_\d+", name) for name in entries)):
+            problem = (f"{config.checkpoint_path} already holds a run's checkpoints; continue that run with "
+                       f"+resume=true, or start over: delete the folder (rm -r {shlex.quote(config.checkpoint_path)}) "
+                       "or choose another +run_name (or checkpoint_path)")
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ConfigError(problem)
 
 
 # ----------------------------------------------------------------------------------------------------------------
