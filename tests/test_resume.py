@@ -265,7 +265,7 @@ def _fake_checkpoint(root, step, complete=True):
     with open(os.path.join(folder, "shared.pt"), "wb") as f:
         f.write(b"x" * 10)
     if complete:
-        from utils.train_state import _sha256
+        from utils.checkpoint import sha256_file as _sha256
         manifest = {"format": 1, "step": step, "files": {"shared.pt": {"bytes": 10, "sha256": _sha256(
             os.path.join(folder, "shared.pt"))}}}
         with open(os.path.join(folder, "manifest.json"), "w") as f:

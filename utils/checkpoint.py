@@ -3,6 +3,7 @@
 it reads with `weights_only=True` (a downloaded checkpoint must not run code), strips wrapper prefixes in
 exactly one place, resizes or refuses a puzzle table of another size, and names any other mismatch."""
 
+import hashlib
 import os
 import pickle
 from typing import Dict
@@ -27,6 +28,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model.module
         else:
             return model
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 16 MiB chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

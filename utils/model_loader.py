@@ -12,7 +12,6 @@ Where the architecture comes from, first match wins:
 Explicit `arch.<key>=<value>` overrides win over all three; `arch=<name>` selects config/arch/<name>.yaml as a
 whole, except that a saved config of the same class keeps its values. An override that contradicts the weights is refused with one line (CheckpointError)."""
 
-import hashlib
 import math
 import os
 import re
@@ -25,8 +24,8 @@ import yaml
 from dataset.common import PuzzleDatasetMetadata
 from models.build import build_model
 from models.layers import swiglu_intermediate_size
-from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, strip_prefixes,
-                              unwrap)
+from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, sha256_file,
+                              strip_prefixes, unwrap)
 from utils.config import ArchConfig, ConfigError, PretrainConfig, compose_config, validate_arch
 from utils.functions import load_model_class
 from utils.hub import resolve_checkpoint
@@ -52,14 +51,6 @@ class LoadedModel:
 
 def description_path(checkpoint_file: str) -> str:
     return checkpoint_file + DESCRIPTION_SUFFIX
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def checkpoint_description(config: PretrainConfig, metadata: PuzzleDatasetMetadata, step: int) -> dict:

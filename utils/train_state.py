@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from utils import distributed
-from utils.checkpoint import CheckpointError, atomic_torch_save, load_model_state, unwrap
+from utils.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
 from utils.config import ConfigError
 
 FORMAT = 1
@@ -179,14 +179,6 @@ def note_iteration_end(state, iteration: int, num_sets: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Save
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -206,7 +198,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def _save_file(obj: Any, path: str) -> Tuple[str, dict]:
     atomic_torch_save(obj, path)
-    return os.path.basename(path), {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return os.path.basename(path), {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 def save(config, dist_info: distributed.DistInfo, state) -> str:
@@ -289,7 +281,7 @@ def verify(folder: str) -> dict:
         size = os.path.getsize(path)
         if size != expected["bytes"]:
             raise CheckpointError(f"{name} has {size} bytes, the manifest says {expected['bytes']} (truncated?)")
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             raise CheckpointError(f"{name} does not match the sha256 in the manifest (corrupt)")
     return manifest
 
