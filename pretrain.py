@@ -1,4 +1,4 @@
-"""Train a TRM (REFERENCE.md section 8): Hydra config in, checkpoints and W&B metrics out.
+"""Train a TRM: Hydra config in, checkpoints and W&B metrics out (docs/compatibility.md sections 6-8).
 
     python pretrain.py arch=trm data_paths="[data/sudoku-extreme-1k-aug-1000]" epochs=50000 ...
     torchrun --nproc-per-node 8 pretrain.py ...          # NCCL on GPUs, gloo on CPUs
@@ -93,7 +93,7 @@ def create_evaluators(config: PretrainConfig, eval_metadata) -> list:
 
 
 def create_optimizers(config: PretrainConfig, model: torch.nn.Module, world_size: int):
-    """REFERENCE.md section 7.4: sign-SGD on the sparse puzzle table, AdamATan2 on every weight."""
+    """Sign-SGD on the sparse puzzle table, AdamATan2 on every weight (docs/compatibility.md section 9)."""
     sparse = lambda: CastedSparseEmbeddingSignSGD_Distributed(
         unwrap(model).model.puzzle_emb.buffers(), world_size=world_size, lr=0,
         weight_decay=config.puzzle_emb_weight_decay)
@@ -152,7 +152,7 @@ def save_code_and_config(config: PretrainConfig) -> None:
 def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_batch_size: int,
                 dist_info: distributed.DistInfo) -> Optional[dict]:
     """One optimizer step over this rank's rows (in micro-batches), gradients summed over ranks.
-    Returns the normalised metrics on rank 0 (REFERENCE.md section 6), None elsewhere or past total_steps."""
+    Returns the normalised metrics on rank 0 (docs/compatibility.md section 8), None elsewhere or past total_steps."""
     if state.step >= state.total_steps:  # surplus batch: no update, and the step count stays = updates done
         return None
     state.step += 1

@@ -1,5 +1,6 @@
-"""The data loader (REFERENCE.md section 3): padded, rank-sliced batches of puzzle examples from builder-written
-dataset folders; train batches depend only on the seed and the pass number, so a run can resume mid-pass."""
+"""The data loader (docs/compatibility.md section 3): padded, rank-sliced batches of puzzle examples from
+builder-written dataset folders; train batches depend only on the seed and the pass number, so a run can resume
+mid-pass."""
 
 import functools
 import json
@@ -21,7 +22,7 @@ from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
 # inputs/labels can be gigabytes (ARC train: 3.3 GB each), so they stay on disk; the index arrays are small.
 _MMAP_MODES = {"inputs": "r", "labels": "r", "puzzle_identifiers": None, "puzzle_indices": None, "group_indices": None}
 
-# Metadata fields that must agree across dataset_paths (REFERENCE.md section 3).
+# Metadata fields that must agree across dataset_paths.
 _SHARED_FIELDS = ("seq_len", "vocab_size", "pad_id", "ignore_label_id", "blank_identifier_id", "sets",
                   "num_puzzle_identifiers")
 
@@ -86,9 +87,10 @@ def merge_metadata(dataset_paths: List[str], metadatas: List[PuzzleDatasetMetada
 
     Path i > 0 contributes its sets under the names `<set><i>` (`all1`, `all2`, ...), listed in `sets` in the order
     the loader iterates them (each set, then its copies from later paths), so evaluation can index them (the
-    reference left them out: REFERENCE.md section 11, item 12). As in the reference, `num_puzzle_identifiers` is
-    the sum while the identifiers themselves are not offset: every path must use the same identifier numbering
-    (checked: equal `num_puzzle_identifiers`), and the embedding rows past the first path's count stay unused."""
+    reference left them out: docs/compatibility.md section 12, item 11). As in the reference,
+    `num_puzzle_identifiers` is the sum while the identifiers themselves are not offset: every path must use the
+    same identifier numbering (checked: equal `num_puzzle_identifiers`), and the embedding rows past the first
+    path's count stay unused."""
     first = metadatas[0]
     for path, metadata in zip(dataset_paths[1:], metadatas[1:]):
         for field in _SHARED_FIELDS:

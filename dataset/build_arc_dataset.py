@@ -1,6 +1,6 @@
-"""Build the ARC-AGI training data (REFERENCE.md section 2.1): every puzzle plus up to `--num-aug` recoloured and
-rotated/mirrored versions, randomly translated on a 30x30 canvas. Output is byte-identical to the reference builder's
-(same files, same NumPy legacy random stream), built in bounded memory and several times faster.
+"""Build the ARC-AGI training data (docs/compatibility.md section 2.1): every puzzle plus up to `--num-aug`
+recoloured and rotated/mirrored versions, randomly translated on a 30x30 canvas. Output is byte-identical to the
+reference builder's (same files, same NumPy legacy random stream), built in bounded memory and several times faster.
 
     python -m dataset.build_arc_dataset --input-file-prefix kaggle/combined/arc-agi \\
         --output-dir data/arc1concept-aug-1000 --subsets training evaluation concept --test-set-name evaluation
@@ -505,7 +505,7 @@ def build(args: argparse.Namespace) -> None:
                 for name, raw in load_subset(args.input_file_prefix, subset)
             ]
 
-        # Steps 1-3 of REFERENCE.md 2.1, one subset after the other: shuffle, then augment each puzzle.
+        # Steps 1-3 of docs/compatibility.md section 2.1, one subset after the other: shuffle, then augment each puzzle.
         rng = LegacyRandom(args.seed)
         groups: Dict[str, List[Puzzle]] = {split: [] for split in SPLITS}
         test_puzzles = {}

@@ -1,4 +1,4 @@
-"""Build the Maze-Hard dataset (REFERENCE.md section 2.3) from the hub repo or from local CSVs.
+"""Build the Maze-Hard dataset (docs/compatibility.md section 2.3) from the hub repo or from local CSVs.
 
 Grids are square, row by row over `# SGo` (wall, open, start, goal, path) = tokens 1..5. With --aug each train maze
 becomes a group of its 8 dihedral versions; the test split is never augmented. Unlike the reference, the train

@@ -1,8 +1,8 @@
-"""Build the Sudoku-Extreme dataset (REFERENCE.md section 2.2) from the hub repo or from local CSVs.
+"""Build the Sudoku-Extreme dataset (docs/compatibility.md section 2.2) from the hub repo or from local CSVs.
 
 Two deliberate differences from the reference: the train subsample and every augmentation draw come from one
 NumPy generator seeded with --seed (the reference used the never-seeded global RNG), and inputs/labels are uint8
-also with --num-aug > 0 (the reference wrote int64 there, 8x the size: REFERENCE.md section 11, item 20).
+also with --num-aug > 0 (the reference wrote int64 there, 8x the size: docs/compatibility.md section 12, item 10).
 
     python dataset/build_sudoku_dataset.py --output-dir data/sudoku-extreme-1k-aug-1000 \\
         --subsample-size 1000 --num-aug 1000

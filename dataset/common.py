@@ -15,11 +15,11 @@ import pydantic
 from tqdm import tqdm
 
 
-IGNORE_LABEL_ID = -100  # label value the loss skips: the loader maps `ignore_label_id` to it (REFERENCE.md: IGN)
+IGNORE_LABEL_ID = -100  # label value the loss skips: the loader maps `ignore_label_id` to it
 
 
 class PuzzleDatasetMetadata(pydantic.BaseModel):
-    """`<split>/dataset.json`. Field order is the file's key order (REFERENCE.md section 1.2)."""
+    """`<split>/dataset.json`. Field order is the file's key order (docs/compatibility.md section 1.2)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -221,7 +221,7 @@ def save_single_example_split(root: str, split: str, inputs: np.ndarray, labels:
     metadata = PuzzleDatasetMetadata(
         pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vocab_size, seq_len=seq_len,
         num_puzzle_identifiers=1, total_groups=num_groups, mean_puzzle_examples=1,
-        total_puzzles=num_groups,  # the reference's value (groups, not puzzles): REFERENCE.md section 11, item 11
+        total_puzzles=num_groups,  # the reference's value (groups, not puzzles): docs/compatibility.md section 11
         sets=["all"])
     save_split(root, split, metadata, {"all": {
         "inputs": inputs,

@@ -1,7 +1,7 @@
 """ARC evaluator: maps every prediction on an augmented test input back to the original puzzle, votes over the
-augmented versions, and reports pass@k plus a Kaggle `submission.json` (REFERENCE.md section 9.2).
+augmented versions, and reports pass@k plus a Kaggle `submission.json` (docs/compatibility.md section 10.3).
 
-Same metrics and file format as the reference, with these fixes (REFERENCE.md section 11, item 8):
+Same metrics and file format as the reference, with these fixes (docs/compatibility.md section 12, item 6):
 - Works in a plain single process: predictions are gathered to rank 0 only when torch.distributed is
   initialized and world_size > 1 (over `group` if given, e.g. a gloo group for CPU object gathers).
 - A test pair that received no prediction still appears in `submission.json` (both attempts `[[0]]`) instead of

@@ -9,7 +9,7 @@ from utils.functions import load_model_class
 
 
 def model_config_dict(arch: ArchConfig, metadata: PuzzleDatasetMetadata, batch_size: int, device: torch.device) -> dict:
-    """The model's config: the arch fields plus what the dataset fixes (REFERENCE.md section 4.1)."""
+    """The model's config: the arch fields plus what the dataset fixes (docs/compatibility.md section 4)."""
     cfg = dict(arch.model_extra or {})
     cfg.update(batch_size=batch_size, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
                num_puzzle_identifiers=metadata.num_puzzle_identifiers, causal=False)

@@ -36,7 +36,7 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
     """Per-position softmax cross-entropy in float32; 0 where the label is ignored. [B, L] from [B, L, V].
 
     Accepts `valid_mask` like stablemax (the reference's version does not, and crashes under the loss head:
-    REFERENCE §11.6)."""
+    docs/compatibility.md section 12, item 5)."""
     labels = labels.to(torch.long)
     if valid_mask is not None:
         labels = torch.where(valid_mask, labels, ignore_index)

@@ -1,5 +1,5 @@
 """Wilson confidence intervals for accuracies given on the command line (the fork's `ci_wilson` helper,
-REFERENCE.md section 9.4), with the z of every confidence level computed exactly.
+docs/compatibility.md section 10.2), with the z of every confidence level computed exactly.
 
     python scripts/ci_wilson.py --exact-k 84 --exact-n 100 --token-p 0.995 --token-n 90000 --confidence 0.99
 """

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a dataset's test split (the fork's eval-only runner, REFERENCE.md section 9.3).
+"""Evaluate a checkpoint on a dataset's test split (the fork's eval-only runner, docs/compatibility.md section 10.2).
 
     python scripts/run_eval_only.py --checkpoint trained_models/step_32550_sudoku_epoch50k \
         --dataset data/sudoku-extreme-1k-aug-1000 --one-batch

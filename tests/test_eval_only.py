@@ -1,5 +1,5 @@
-"""The eval-only runner (scripts/run_eval_only.py, REFERENCE.md section 9.3) end to end on builder-made datasets:
-reported metrics, counts and Wilson intervals against a direct computation, checkpoint formats, --one-batch,
+"""The eval-only runner (scripts/run_eval_only.py, docs/compatibility.md section 10.2) end to end on builder-made
+datasets: reported metrics, counts and Wilson intervals against a direct computation, checkpoint formats, --one-batch,
 architecture overrides, refusals (one `error:` line, non-zero exit), ARC (submission.json, per-task credit),
 --early-exit, and torchrun with 2 CPU processes.
 
@@ -169,7 +169,7 @@ def load_test_split(path):
 
 def direct_eval(model, data):
     """The model run by hand on every test row (batches of G, fresh carry, halt_max_steps calls), metrics computed
-    here from its logits: per-row sums as in REFERENCE.md section 6."""
+    here from its logits: per-row sums as in docs/compatibility.md section 8."""
     model.eval()
     rows = []
     with torch.inference_mode():

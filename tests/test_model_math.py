@@ -31,7 +31,8 @@ def small_config(**overrides):
 def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
     model = TinyRecursiveReasoningModel_ACTV1(small_config(**overrides))
-    with torch.no_grad():  # damp the residual branches so the recursion is contractive (REFERENCE §11.22)
+    # Damp the residual branches so the recursion is contractive (docs/compatibility.md section 13).
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(0.2)
@@ -254,7 +255,8 @@ def test_reset_carry_uses_init_states():
 
 
 def test_no_act_continue_false_trains():
-    # The reference crashes here (REFERENCE §11.5); the target comes from an extra no-grad inner pass.
+    # The reference crashes here (docs/compatibility.md section 12, item 4); the target comes from an extra
+    # no-grad inner pass.
     head = ACTLossHead(make_model(no_ACT_continue=False), "stablemax_cross_entropy")
     head.train()
     batch = make_batch()
@@ -499,7 +501,7 @@ def test_ema_update_maths_copy_and_prefixes():
 # --- AdamATan2 --------------------------------------------------------------------------------------------------
 
 def _adam_atan2_float64(param, grads, lr, betas, wd):
-    """The rule of REFERENCE §7.2, written out in float64."""
+    """The rule of docs/compatibility.md section 9, written out in float64."""
     b1, b2 = betas
     p, m, v = param.double().clone(), torch.zeros_like(param, dtype=torch.float64), torch.zeros_like(param, dtype=torch.float64)
     for t, g in enumerate(grads, start=1):
@@ -586,7 +588,7 @@ def test_adam_atan2_fused_matches_pure():
 
 
 def test_init_draw_order_matches_reference():
-    """Same seed, same weights as the reference: replay its draw order by hand (REFERENCE §4.4)."""
+    """Same seed, same weights as the reference: replay its draw order by hand (docs/compatibility.md section 4)."""
     cfg = small_config(pos_encodings="learned", L_layers=2)
     torch.manual_seed(7)
     model = TinyRecursiveReasoningModel_ACTV1(cfg)

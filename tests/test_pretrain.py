@@ -1,4 +1,4 @@
-"""pretrain.py end to end on the CPU, as subprocesses run from the repo root (REFERENCE.md section 8):
+"""pretrain.py end to end on the CPU, as subprocesses run from the repo root:
 
 - a tiny TRM learns a small generated Sudoku set (train loss falls, exact accuracy rises), writes step_<N> and
   all_config.yaml, and the checkpoint evaluates with scripts/run_eval_only.py to the same accuracy;

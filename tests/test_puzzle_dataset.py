@@ -1,4 +1,4 @@
-"""Tests of puzzle_dataset.py on small datasets written here in the on-disk format (REFERENCE.md section 1)."""
+"""Tests of puzzle_dataset.py on small datasets written here in the on-disk format (docs/compatibility.md section 1)."""
 
 import json
 import os

@@ -1,6 +1,6 @@
-"""Pins the checkpoint contract (REFERENCE §5): state-dict key names, order, shapes and dtypes of the loss head
-wrapping the TRM, and the parameter counts, for the default architecture on Sudoku, Maze and ARC shapes.
-Built on the meta device: no memory, no init cost, even with the full ARC puzzle table."""
+"""Pins the checkpoint contract (docs/compatibility.md section 5): state-dict key names, order, shapes and dtypes of
+the loss head wrapping the TRM, and the parameter counts, for the default architecture on Sudoku, Maze and ARC
+shapes. Built on the meta device: no memory, no init cost, even with the full ARC puzzle table."""
 
 import pytest
 import torch

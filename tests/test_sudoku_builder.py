@@ -70,7 +70,7 @@ def test_augmented_train_split(source_dir, augmented):
     assert meta == {"pad_id": 0, "ignore_label_id": 0, "blank_identifier_id": 0, "vocab_size": 11, "seq_len": 81,
                     "num_puzzle_identifiers": 1, "total_groups": 8, "mean_puzzle_examples": 1.0,
                     "total_puzzles": 8, "sets": ["all"]}
-    assert arr["inputs"].dtype == arr["labels"].dtype == np.uint8  # REFERENCE.md section 11, item 20 fixed
+    assert arr["inputs"].dtype == arr["labels"].dtype == np.uint8  # docs/compatibility.md section 12, item 10
     assert arr["inputs"].shape == arr["labels"].shape == (8 * 21, 81)
     np.testing.assert_array_equal(arr["group_indices"], np.arange(0, 8 * 21 + 1, 21))
     np.testing.assert_array_equal(arr["puzzle_indices"], np.arange(8 * 21 + 1))

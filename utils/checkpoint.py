@@ -1,5 +1,5 @@
 """Model weights on disk, in the reference's format: one `torch.save` of the loss head's state dict, keys
-`[_orig_mod.]model.inner.<name>` (REFERENCE.md section 5). One loader serves training, evaluation and tests:
+`[_orig_mod.]model.inner.<name>` (docs/compatibility.md sections 5-6). One loader serves training, evaluation and tests:
 it reads with `weights_only=True` (a downloaded checkpoint must not run code), strips wrapper prefixes in
 exactly one place, resizes or refuses a puzzle table of another size, and names any other mismatch."""
 

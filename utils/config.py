@@ -1,4 +1,4 @@
-"""Typed training configuration (REFERENCE.md section 8.1) and its validation at start-up.
+"""Typed training configuration (docs/compatibility.md section 7) and its validation at start-up.
 
 Hydra composes config/cfg_pretrain.yaml + config/arch/*.yaml + command-line overrides; `PretrainConfig` then
 checks every field, so a typo fails at start with one line instead of being silently ignored."""

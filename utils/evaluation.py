@@ -1,6 +1,6 @@
-"""The evaluation loop shared by pretrain.py and scripts/run_eval_only.py (REFERENCE.md section 9.1): every test
-batch runs the ACT loop until all rows halt (halt_max_steps calls in eval mode), metrics are summed per set over
-batches and ranks and divided by the count of scored rows, chosen outputs are saved per rank, and each
+"""The evaluation loop shared by pretrain.py and scripts/run_eval_only.py (docs/compatibility.md section 10.1):
+every test batch runs the ACT loop until all rows halt (halt_max_steps calls in eval mode), metrics are summed per
+set over batches and ranks and divided by the count of scored rows, chosen outputs are saved per rank, and each
 evaluator (e.g. ARC voting) gets the batch and produces its own metrics."""
 
 import os

@@ -1,4 +1,5 @@
-"""Learning-rate schedule (REFERENCE.md section 7.3): linear warm-up, then cosine decay to lr_min_ratio * base."""
+"""Learning-rate schedule (docs/compatibility.md section 9): linear warm-up, then cosine decay to
+lr_min_ratio * base."""
 
 import math
 

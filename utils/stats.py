@@ -1,4 +1,4 @@
-"""Wilson score intervals for accuracies (REFERENCE.md section 9.4): the interval itself, the z of a two-sided
+"""Wilson score intervals for accuracies (docs/compatibility.md section 10.2): the interval itself, the z of a two-sided
 confidence level, and the two lines the eval-only runner prints per metric."""
 
 import math
@@ -10,7 +10,7 @@ def z_for_confidence(confidence: float) -> float:
     """z of a two-sided normal interval: 0.95 -> 1.959964, 0.90 -> 1.644854, 0.99 -> 2.575829.
 
     Exact normal quantile for every level (the fork's helper approximated levels other than 0.90 / 0.95 with a
-    z off by a factor of sqrt(2), REFERENCE.md section 11 item 18)."""
+    z off by a factor of sqrt(2), docs/compatibility.md section 12, item 16)."""
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be strictly between 0 and 1, got {confidence}")
     return NormalDist().inv_cdf(0.5 + confidence / 2)

@@ -356,7 +356,8 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
                 if self.trains_continue_head(compute_target_q):
                     # Q-learning target for q_continue from one more step on the new state (no replay buffer or
                     # target network: the large batch plays many parallel environments, as in PQN).
-                    # The reference unpacks this call into 5 values and crashes (REFERENCE §11.5); fixed here.
+                    # The reference unpacks this call into 5 values and crashes (docs/compatibility.md section 12,
+                    # item 4).
                     _, _, (next_q_halt, next_q_continue) = self.inner(inner_carry, current_data)
                     outputs["target_q_continue"] = torch.sigmoid(
                         torch.where(is_last_step, next_q_halt, torch.maximum(next_q_halt, next_q_continue)))
