@@ -12,7 +12,6 @@ with arch overrides on its command line (no shared config file is rewritten) and
 Without the `modal` package the module still imports: the plain functions below run locally (tests call them)."""
 
 import datetime
-import inspect
 import os
 import subprocess
 import sys
@@ -247,8 +246,3 @@ if modal is not None:
     run_eval_sudoku_job = app.function(**_options("run_eval_sudoku_job"))(run_eval_sudoku_job)
     run_eval_arc_job = app.function(**_options("run_eval_arc_job"))(run_eval_arc_job)
     web = app.function(**_options("web"))(modal.concurrent(max_inputs=32)(modal.asgi_app()(web_app)))
-
-
-def entry_point_parameters(name: str) -> Dict[str, object]:
-    """Parameter -> default of an entry point (what `modal run infra/modal_app.py::<name> --flag=value` accepts)."""
-    return {p.name: p.default for p in inspect.signature(RAW[name]).parameters.values()}

@@ -4,7 +4,6 @@ Shadow keys are parameter names without wrapper prefixes (`_orig_mod.` from torc
 DDP), so a shadow taken from a wrapped model applies to an unwrapped one and back.
 """
 
-import copy
 from typing import Dict
 
 import torch
@@ -40,12 +39,6 @@ class EMAHelper:
         """Overwrite the module's trainable parameters with the shadow, in place."""
         for name, param in _trainable(module):
             param.copy_(self.shadow[name])
-
-    def ema_copy(self, module: nn.Module) -> nn.Module:
-        """A deep copy of the module holding the averaged parameters (the original is untouched)."""
-        module_copy = copy.deepcopy(module)
-        self.ema(module_copy)
-        return module_copy
 
     def state_dict(self) -> dict:
         return {"mu": self.mu, "shadow": dict(self.shadow)}

@@ -19,10 +19,6 @@ except ImportError:
     adam_atan2_backend = None
 
 
-def fused_available() -> bool:
-    return adam_atan2_backend is not None and torch.cuda.is_available()
-
-
 class AdamATan2(Optimizer):
     """Per step t (counted per parameter), with decoupled weight decay on every parameter that has a gradient:
 

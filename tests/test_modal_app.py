@@ -2,6 +2,7 @@
 parameters, the ARC job starts one process per GPU it gets, arch overrides travel on the command line, and the
 functions underneath (eval job, realtime predict, pages) run locally on a tiny trained checkpoint."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -15,14 +16,19 @@ from infra import modal_app
 from utils import inference, serving
 
 
+def entry_point_parameters(name):
+    """Parameter -> default of an entry point (what `modal run infra/modal_app.py::<name> --flag=value` accepts)."""
+    return {p.name: p.default for p in inspect.signature(modal_app.RAW[name]).parameters.values()}
+
+
 def test_entry_points_and_parameters():
     assert set(modal_app.ENTRY_POINTS) == {"download_weights_job", "run_eval_maze_job", "run_eval_sudoku_job",
                                            "run_eval_arc_job", "web"}
     # modal run infra/modal_app.py::run_eval_arc_job --dataset-path=data/arc1concept-aug-1000 --batch-size=512
-    assert modal_app.entry_point_parameters("run_eval_arc_job") == {
+    assert entry_point_parameters("run_eval_arc_job") == {
         "dataset_path": "data/arc1concept-aug-1000", "batch_size": 256, "one_batch": False, "checkpoint": ""}
-    assert modal_app.entry_point_parameters("run_eval_maze_job")["batch_size"] == 256
-    assert modal_app.entry_point_parameters("run_eval_sudoku_job")["model"] == "mlp"
+    assert entry_point_parameters("run_eval_maze_job")["batch_size"] == 256
+    assert entry_point_parameters("run_eval_sudoku_job")["model"] == "mlp"
     if modal_app.modal is not None:
         assert modal_app.app.name == "tinyrecursive-eval"
         for name in modal_app.ENTRY_POINTS:
