@@ -7,7 +7,7 @@ Read top to bottom: set-up (device, config, data, model, optimizers), then the l
 and checkpoints. Each piece lives in the module that owns it.
 
 Checkpoints: at every evaluation point the reference-format weights file `<checkpoint_path>/step_<N>`, plus a full
-training state `<checkpoint_path>/train_state/step_<N>/` (utils/train_state.py; also every checkpoint_every_steps
+training state `<checkpoint_path>/train_state/step_<N>/` (training/train_state.py; also every checkpoint_every_steps
 steps; the newest keep_last_checkpoints are kept). Resume a run with the same command and checkpoint_path (the
 same +run_name) plus `+resume=true`: it continues from the newest intact training state exactly as if it had
 never stopped, and refuses one written by an incompatible config (exit code 2). SIGTERM or SIGINT: the run
@@ -28,20 +28,21 @@ import tqdm
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from inference.model_loader import load_weights_for_training, write_checkpoint_description
 from models.build import build_model
 from models.ema import EMAHelper
 from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
+from training import train_state, wandb_logging
+from training.checkpoint import CheckpointError, atomic_write_text, save_model_state, unwrap
+from training.config import (PretrainConfig, check_batch_divides, check_command_line, check_data_paths, one_line,
+                             parse_config, print_error, shell_safe)
+from training.evaluation import evaluate
+from training.schedule import cosine_schedule_with_warmup_lr
 from utils import distributed
-from utils.checkpoint import CheckpointError, atomic_write_text, save_model_state, unwrap
-from utils.config import (ConfigError, PretrainConfig, check_batch_divides, check_command_line, check_data_paths,
-                          one_line, parse_config, print_error, shell_safe)
-from utils.evaluation import evaluate
+from utils.errors import ConfigError
 from utils.functions import get_model_source_path, load_model_class
-from utils.model_loader import load_weights_for_training, write_checkpoint_description
-from utils.schedule import cosine_schedule_with_warmup_lr
-from utils import train_state, wandb_logging
 
 
 @dataclass

@@ -111,7 +111,7 @@ _LOADED: Dict[str, object] = {}
 def predict_realtime(payload: Dict, root: str = VOLUME_DIR) -> Dict:
     """POST /predict of the deployed app: the model for the payload's task (loaded once per container), every ACT
     step of the posted grid. Errors are serving.RequestError with a 4xx status."""
-    from utils import serving
+    from inference import serving
 
     if not isinstance(payload, dict):
         raise serving.RequestError(400, "the request body must be a JSON object like {\"task\": \"sudoku\", \"grid\": [[...]]}")
@@ -127,7 +127,7 @@ def predict_realtime(payload: Dict, root: str = VOLUME_DIR) -> Dict:
 
 
 def page_html(name: str) -> str:
-    from scripts.serve import PAGES, PAGES_DIR, SCRIPT
+    from inference.serving import PAGES, PAGES_DIR, SCRIPT
 
     if name not in PAGES + (SCRIPT,):
         raise FileNotFoundError(f"no page {name!r}")
@@ -185,7 +185,7 @@ def web_app():
     from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-    from utils import serving
+    from inference import serving
 
     api = FastAPI(title="TRM visualizers")
     api.add_middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])

@@ -4,7 +4,7 @@ training, evaluation and tests share."""
 import torch
 
 from dataset.common import PuzzleDatasetMetadata
-from utils.config import ArchConfig
+from models.arch import ArchConfig
 from utils.functions import load_model_class
 
 

@@ -1,4 +1,4 @@
-"""Speed and memory of the real code paths (pretrain.py's model, optimizers and train step; utils/evaluation.py's
+"""Speed and memory of the real code paths (pretrain.py's model, optimizers and train step; training/evaluation.py's
 evaluation loop) on this machine, for one config and batch.
 
     python scripts/benchmark.py --steps 30 --warmup 8 global_batch_size=768
@@ -23,13 +23,13 @@ sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 
-import pretrain  # noqa: E402
 from dataset.common import PuzzleDatasetMetadata  # noqa: E402
 from models.layers import swiglu_intermediate_size  # noqa: E402
+import pretrain  # noqa: E402
+from training.checkpoint import unwrap  # noqa: E402
+from training.config import compose_config  # noqa: E402
+from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.checkpoint import unwrap  # noqa: E402
-from utils.config import compose_config  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
 
 
 def synthetic_batches(metadata: PuzzleDatasetMetadata, batch_size: int, seed: int):

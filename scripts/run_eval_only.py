@@ -5,7 +5,7 @@
     torchrun --nproc_per_node=8 scripts/run_eval_only.py --checkpoint hf://alphaXiv/trm-model-maze \
         --dataset data/maze-30x30-hard-1k --outdir checkpoints/maze_eval_run --global-batch-size 1536
 
-The architecture comes from the checkpoint (utils/model_loader.py): its `step_<N>.config.yaml`, else its run
+The architecture comes from the checkpoint (inference/model_loader.py): its `step_<N>.config.yaml`, else its run
 folder's `all_config.yaml`, else what the weights determine (one printed line names what was assumed). Trailing
 `key=value` arguments are Hydra overrides and win (e.g. `arch.L_cycles=4`); one that contradicts the weights is
 refused. Prints the metrics with Wilson 95% intervals and writes them, with the checkpoint and
@@ -23,16 +23,17 @@ sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/run_eval_
 
 import torch  # noqa: E402
 
+from inference import recording  # noqa: E402
+from inference.model_loader import load_model_from_checkpoint  # noqa: E402
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig, create_dataloader  # noqa: E402
+from training.checkpoint import CheckpointError, atomic_write_text, load_model_state, read_state_dict, unwrap  # noqa: E402
+import training.config  # noqa: E402
+from training.config import check_batch_divides  # noqa: E402
+from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
-from utils.checkpoint import CheckpointError, atomic_write_text, load_model_state, read_state_dict, unwrap  # noqa: E402
-from utils.model_loader import load_model_from_checkpoint  # noqa: E402
-import utils.config  # noqa: E402
-from utils.config import ConfigError, check_batch_divides  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
 from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
-from utils import inference  # noqa: E402
 from utils.stats import format_wilson_lines, wilson_interval  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def runner_overrides(args: argparse.Namespace) -> List[str]:
 def compose_config(args: argparse.Namespace):
     overrides = runner_overrides(args)
     # The dataset path is set after composing: a ',' in a path would split it as an override.
-    config = utils.config.compose_config(args.config, overrides, fixed=dict(data_paths=[args.dataset], data_paths_test=[]))
+    config = training.config.compose_config(args.config, overrides, fixed=dict(data_paths=[args.dataset], data_paths_test=[]))
     # Evaluators need the dataset's ARC files; other tasks have none.
     if not os.path.isfile(os.path.join(args.dataset, "test_puzzles.json")):
         config.evaluators = []
@@ -126,12 +127,12 @@ def wilson_report(metrics: Dict, counts: Dict) -> Dict[str, Dict[str, float]]:
 
 def write_visualizer_json(model, args, metadata, dist_info, rows: List[int]) -> None:
     """The pages' JSON: every ACT step of the chosen test examples."""
-    split = inference.TestSplit(args.dataset, metadata)
-    examples = inference.record_examples(model, split, rows, dist_info.device)
-    document = inference.visualizer_document(metadata, examples, checkpoint=args.checkpoint, dataset=args.dataset,
+    split = recording.TestSplit(args.dataset, metadata)
+    examples = recording.record_examples(model, split, rows, dist_info.device)
+    document = recording.visualizer_document(metadata, examples, checkpoint=args.checkpoint, dataset=args.dataset,
                                              preds_file="step_0_all_preds.0")
-    path = os.path.join(args.outdir, inference.VISUALIZER_JSON)
-    inference.write_visualizer_json(path, document)
+    path = os.path.join(args.outdir, recording.VISUALIZER_JSON)
+    recording.write_visualizer_json(path, document)
     print(f"Visualizer: {path} ({len(examples)} puzzles, every ACT step)")
 
 
@@ -159,11 +160,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             verbose=dist_info.is_main)
         model, config = loaded.model, loaded.config
         apply_ema_shadow(model, args)
-        num_test_rows = len(inference.TestSplit(args.dataset, eval_metadata))
+        num_test_rows = len(recording.TestSplit(args.dataset, eval_metadata))
         if args.record_puzzles is None:
             record_rows = list(range(min(8, num_test_rows)))
         else:
-            record_rows = inference.parse_rows(args.record_puzzles)
+            record_rows = recording.parse_rows(args.record_puzzles)
             bad = [r for r in record_rows if not 0 <= r < num_test_rows]
             if bad:
                 raise ValueError(f"--record-puzzles {bad[0]} is out of range: the test split has {num_test_rows} "

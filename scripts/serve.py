@@ -18,14 +18,11 @@ from typing import List, Optional
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/serve.py`
 
-from utils import inference, serving  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
-from utils.config import ConfigError  # noqa: E402
+from inference import recording, serving  # noqa: E402
+from inference.serving import PAGES, PAGES_DIR, SCRIPT  # noqa: E402
+from training.checkpoint import CheckpointError  # noqa: E402
+from utils.errors import ConfigError  # noqa: E402
 from utils.hub import HubUnreachableError  # noqa: E402
-
-PAGES_DIR = os.path.join(REPO_ROOT, "visualizers")
-SCRIPT = "trm_viz.js"  # shared by the pages
-PAGES = ("sudoku_visualizer.html", "maze_visualizer.html", "arc_visualizer.html", "unified_visualizer.html")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -76,7 +73,7 @@ def create_app(loaded: serving.ServingModel, outputs_dir: Optional[str] = None):
 
     @app.get("/info")
     def info():
-        return {"task": loaded.task, "grid_size": [inference.grid_side(loaded.metadata)] * 2,
+        return {"task": loaded.task, "grid_size": [recording.grid_side(loaded.metadata)] * 2,
                 "checkpoint": loaded.checkpoint, "dataset": loaded.dataset, "device": str(loaded.device),
                 "num_puzzle_identifiers": loaded.metadata.num_puzzle_identifiers,
                 "saved_examples": len(saved_outputs()) if outputs_dir is not None else 0}
@@ -86,7 +83,7 @@ def create_app(loaded: serving.ServingModel, outputs_dir: Optional[str] = None):
         """The runner's visualizer.json (every recorded puzzle with its ACT steps)."""
         document = saved_outputs().document
         if document is None:
-            raise serving.RequestError(404, f"{outputs_dir} has no {inference.VISUALIZER_JSON}: re-run scripts/run_eval_only.py")
+            raise serving.RequestError(404, f"{outputs_dir} has no {recording.VISUALIZER_JSON}: re-run scripts/run_eval_only.py")
         return document
 
     @app.get("/predict")

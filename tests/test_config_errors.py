@@ -1,5 +1,5 @@
 """Config errors are one line with exit code 2, Hydra's included: unknown keys get a close match ("did you mean
-H_cycles?"), values out of range are refused at start (utils/config.py), and under torchrun the line is printed
+H_cycles?"), values out of range are refused at start (training/config.py, models/arch.py), and under torchrun the line is printed
 once, on a line of its own."""
 
 import os
@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from utils.config import ConfigError, compose_config
+from training.config import compose_config
+from utils.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")

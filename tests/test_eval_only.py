@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from evaluators.arc import ARC
 from models.build import build_model
 from puzzle_dataset import load_metadata
-from utils.config import ArchConfig
+from models.arch import ArchConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "scripts", "run_eval_only.py")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infra import modal_app
-from utils import inference, serving
+from inference import recording, serving
 
 
 def entry_point_parameters(name):
@@ -70,7 +70,7 @@ def test_eval_job_and_realtime_predict_run_locally(trained_sudoku, tmp_path, mon
     monkeypatch.setattr(modal_app, "_LOADED", {})
     inputs = np.load(os.path.join(trained_sudoku["dataset"], "test", "all__inputs.npy"))
     answer = modal_app.predict_realtime({"task": "sudoku", "model": "mlp",
-                                         "grid": inference.tokens_to_grid("sudoku", inputs[3])})
+                                         "grid": recording.tokens_to_grid("sudoku", inputs[3])})
     assert answer["prediction_tokens"] == runner["preds"][3].tolist() and len(answer["steps"]) == 3
     with pytest.raises(serving.RequestError) as err:
         modal_app.predict_realtime({"task": "sudoku", "grid": [[1]]})

@@ -1,4 +1,4 @@
-"""utils/model_loader.py: building a model from a checkpoint with no architecture on the command line.
+"""inference/model_loader.py: building a model from a checkpoint with no architecture on the command line.
 
 Reference-format checkpoints are the fixtures in tests/fixtures (README there): weights as the reference saves
 them, 64 wide, 2 blocks, puzzle prefix 2, 3 puzzle-embedding rows; `fixtures.json` holds their architecture and
@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
+from inference.model_loader import description_path, load_model_from_checkpoint, sha256_file
 from puzzle_dataset import load_metadata
-from utils.checkpoint import CheckpointError
-from utils.model_loader import description_path, load_model_from_checkpoint, sha256_file
+from training.checkpoint import CheckpointError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
@@ -245,9 +245,9 @@ def test_pretrain_checkpoint_evaluates_with_no_overrides(sudoku_dataset, tmp_pat
 def test_every_arch_file_round_trips_through_its_description(sudoku_dataset, tmp_path, arch_name):
     """Weights + step_<N>.config.yaml as pretrain.py writes them rebuild the same model with no overrides."""
     from models.build import build_model
-    from utils.checkpoint import save_model_state
-    from utils.config import compose_config
-    from utils.model_loader import DEFAULT_CONFIG_FILE, write_checkpoint_description
+    from training.checkpoint import save_model_state
+    from training.config import compose_config
+    from inference.model_loader import DEFAULT_CONFIG_FILE, write_checkpoint_description
 
     fields = compose_config(DEFAULT_CONFIG_FILE, [f"arch={arch_name}"], fixed=dict(data_paths=[])).arch.model_dump()
     small = {"hidden_size": 32, "num_heads": 2, "expansion": 2, "H_layers": 1, "L_layers": 1, "H_cycles": 2,

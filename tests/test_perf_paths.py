@@ -87,7 +87,7 @@ def test_early_exit_ignores_padding_rows():
 def test_evaluation_model_switch_on_cpu():
     """`eval_compile` picks the compiled wrapper only on CUDA; on CPU, or with the switch off, the plain module."""
     import pretrain
-    from utils.checkpoint import unwrap
+    from training.checkpoint import unwrap
 
     plain = loss_head()
     state = pretrain.TrainState(model=torch.compile(plain), optimizers=[], base_lrs=[], carries=[None], step=0,

@@ -1,4 +1,4 @@
-"""Exact resume from training-state checkpoints (utils/train_state.py via pretrain.py): interrupted by SIGTERM or
+"""Exact resume from training-state checkpoints (training/train_state.py via pretrain.py): interrupted by SIGTERM or
 SIGKILL, single process and under torchrun, a resumed run reproduces an uninterrupted one bit for bit (per-step
 metrics, EMA weights files, live weights and optimizer moments). Also: corrupt checkpoints are skipped, a changed
 config is refused, and micro-batching gives the same update as one batch.
@@ -40,8 +40,8 @@ def start_weights(data_dir, tmp_path_factory):
 
     from models.build import build_model
     from puzzle_dataset import load_metadata
-    from utils.checkpoint import save_model_state
-    from utils.config import compose_config
+    from training.checkpoint import save_model_state
+    from training.config import compose_config
 
     config = compose_config(os.path.join(REPO, "config", "cfg_pretrain.yaml"), [f"data_paths=[{data_dir}]", *TINY])
     torch.manual_seed(0)
@@ -222,7 +222,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(data_dir):
     sign-SGD update must sum each identifier's gradient over the micro-batches."""
     from pretrain import create_train_state, train_batch
     from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
-    from utils.config import compose_config
+    from training.config import compose_config
     from utils.distributed import DistInfo
 
     dist_info = DistInfo(0, 1, 0, torch.device("cpu"), None)
@@ -257,7 +257,7 @@ def test_micro_batches_give_the_same_update_as_one_batch(data_dir):
     assert moved.tolist() == [False] + [True] * 6
 
 
-# --- utils/train_state.py pieces ----------------------------------------------------------------------------------
+# --- training/train_state.py pieces ----------------------------------------------------------------------------------
 
 def _fake_checkpoint(root, step, complete=True):
     folder = os.path.join(root, "train_state", f"step_{step}")
@@ -265,7 +265,7 @@ def _fake_checkpoint(root, step, complete=True):
     with open(os.path.join(folder, "shared.pt"), "wb") as f:
         f.write(b"x" * 10)
     if complete:
-        from utils.checkpoint import sha256_file as _sha256
+        from training.checkpoint import sha256_file as _sha256
         manifest = {"format": 1, "step": step, "files": {"shared.pt": {"bytes": 10, "sha256": _sha256(
             os.path.join(folder, "shared.pt"))}}}
         with open(os.path.join(folder, "manifest.json"), "w") as f:
@@ -274,7 +274,7 @@ def _fake_checkpoint(root, step, complete=True):
 
 
 def test_prune_keeps_the_newest_complete_up_to_the_current_step(tmp_path):
-    from utils.train_state import prune
+    from training.train_state import prune
     for step, complete in ((5, True), (10, True), (15, True), (20, False), (25, True)):
         _fake_checkpoint(str(tmp_path), step, complete)
     prune(os.path.join(tmp_path, "train_state"), keep=2, current_step=20)
@@ -284,7 +284,7 @@ def test_prune_keeps_the_newest_complete_up_to_the_current_step(tmp_path):
 
 
 def test_find_latest_skips_incomplete_and_corrupt(tmp_path):
-    from utils.train_state import find_latest
+    from training.train_state import find_latest
     _fake_checkpoint(str(tmp_path), 5)
     corrupt = _fake_checkpoint(str(tmp_path), 10)
     with open(os.path.join(corrupt, "shared.pt"), "r+b") as f:
@@ -303,7 +303,7 @@ def test_find_latest_skips_incomplete_and_corrupt(tmp_path):
 
 def test_carry_round_trip():
     from models.recursive_reasoning.trm import InnerCarry, TRMCarry
-    from utils.train_state import carry_from_plain, carry_to_plain
+    from training.train_state import carry_from_plain, carry_to_plain
 
     class Model(torch.nn.Module):  # initial_carry is all carry_from_plain needs
         def initial_carry(self, batch):
@@ -322,7 +322,7 @@ def test_carry_round_trip():
 
 
 def test_rewind_metrics_file_drops_later_steps_and_a_cut_line(tmp_path):
-    from utils.train_state import rewind_metrics_file
+    from training.train_state import rewind_metrics_file
     lines = ['{"step": 0, "num_params": 5}\n', '{"step": 1, "train/lm_loss": 2.0}\n',
              '{"step": 2, "train/lm_loss": 1.0}\n', '{"step": 2, "all": {"accuracy": 0.5}}\n',
              '{"step": 3, "train/lm_loss": 0.5}\n', '{"step": 4, "train/l']

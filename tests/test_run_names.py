@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import pretrain
-from utils import train_state
-from utils.config import SHELL_SAFE, ConfigError, compose_config
+from training import train_state
+from training.config import SHELL_SAFE, compose_config
 from utils.distributed import DistInfo
+from utils.errors import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")

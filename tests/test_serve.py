@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("fastapi", reason="fastapi is in requirements.txt: run scripts/setup_env.sh")
 pytest.importorskip("uvicorn", reason="uvicorn is in requirements.txt: run scripts/setup_env.sh")
 
-from utils import inference, serving  # noqa: E402
+from inference import recording, serving  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,12 +87,12 @@ def _check_post_matches_runner(run, base, kind):
     saved = torch.load(os.path.join(run["outdir"], "step_0_all_preds.0"), weights_only=True)
     inputs = np.load(os.path.join(run["dataset"], "test", "all__inputs.npy"))
     for index in (0, 5):
-        grid = inference.tokens_to_grid(kind, inputs[index])
+        grid = recording.tokens_to_grid(kind, inputs[index])
         status, body = request(base, "/predict", {"task": kind, "grid": grid})
         assert status == 200, body
         assert body["task"] == kind and body["source"] == "model"
         assert body["prediction_tokens"] == saved["preds"][index].tolist()  # what run_eval_only.py saved
-        assert body["prediction"] == inference.tokens_to_grid(kind, saved["preds"][index].numpy())
+        assert body["prediction"] == recording.tokens_to_grid(kind, saved["preds"][index].numpy())
         assert body["input"] == grid
         assert [s["step"] for s in body["steps"]] == [1, 2, 3]
         assert body["steps"][-1]["prediction"] == body["prediction"]
@@ -108,7 +108,7 @@ def test_maze_post_matches_runner(trained_maze, maze_server):
 
 
 def test_get_predict_serves_saved_outputs(trained_sudoku, sudoku_server):
-    with open(os.path.join(trained_sudoku["outdir"], inference.VISUALIZER_JSON)) as f:
+    with open(os.path.join(trained_sudoku["outdir"], recording.VISUALIZER_JSON)) as f:
         doc = json.load(f)
     status, body = request(sudoku_server, "/predict?index=1")
     assert status == 200 and body["source"] == "saved"
@@ -147,7 +147,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(sudoku_server, traine
     got, answer = request(sudoku_server, path, body, raw)
     assert got == status and fragment in answer["detail"], answer
     inputs = np.load(os.path.join(trained_sudoku["dataset"], "test", "all__inputs.npy"))
-    ok, _ = request(sudoku_server, "/predict", {"grid": inference.tokens_to_grid("sudoku", inputs[0])})
+    ok, _ = request(sudoku_server, "/predict", {"grid": recording.tokens_to_grid("sudoku", inputs[0])})
     assert ok == 200
 
 
@@ -164,7 +164,7 @@ def test_arc_identifiers(tmp_path):
     """ARC requests need a trained puzzle identifier: never the blank 0, within the checkpoint's table."""
     from models.build import build_model
     from puzzle_dataset import load_metadata
-    from utils.config import compose_config
+    from training.config import compose_config
 
     data = tmp_path / "arc"
     (data / "test").mkdir(parents=True)

@@ -150,7 +150,7 @@ ARCH_CLASSES = {
 
 @pytest.mark.parametrize("arch", sorted(ARCH_CLASSES))
 def test_arch_configs_compose_with_the_reference_names_and_overrides(arch):
-    from utils.config import compose_config
+    from training.config import compose_config
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     overrides = [f"arch={arch}", "arch.H_cycles=2", "arch.hidden_size=96"]
@@ -219,7 +219,7 @@ def test_baseline_switches():
 @pytest.mark.parametrize("name", NAMES)
 def test_carry_survives_a_training_state_round_trip(name, tmp_path):
     # Exact resume saves the ACT carries: each variant's own carry must come back as it was and continue alike.
-    from utils.train_state import carry_from_plain, carry_to_plain
+    from training.train_state import carry_from_plain, carry_to_plain
 
     model, trace = load_model(name)
     batch = trace["batch"]

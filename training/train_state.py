@@ -33,15 +33,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from training.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
 from utils import distributed
-from utils.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
-from utils.config import ConfigError
+from utils.errors import ConfigError
 
 FORMAT = 1
 STATE_DIR = "train_state"
 MANIFEST = "manifest.json"
 SHARED_FILE = "shared.pt"
-METRICS_FILE = "metrics.jsonl"  # written by utils/wandb_logging.py when metrics_jsonl=True
+METRICS_FILE = "metrics.jsonl"  # written by training/wandb_logging.py when metrics_jsonl=True
 
 # Config fields that fix the shapes of the saved state, the data order or the step count. A resumed run must
 # match them (plus the world size and the step count derived from the data); anything else (lr, weight decay,
@@ -345,7 +345,7 @@ def restore(found: Tuple[str, dict], config, dist_info: distributed.DistInfo, st
 
 
 def rewind_metrics_file(checkpoint_path: str, step: int) -> None:
-    """Drop the lines past `step` from the run's metrics.jsonl (utils/wandb_logging.py's file sink): the
+    """Drop the lines past `step` from the run's metrics.jsonl (training/wandb_logging.py's file sink): the
     resumed run logs those steps again."""
     path = os.path.join(checkpoint_path, METRICS_FILE)
     if not os.path.isfile(path):

@@ -3,53 +3,16 @@
 Hydra composes config/cfg_pretrain.yaml + config/arch/*.yaml + command-line overrides; `PretrainConfig` then
 checks every field, so a typo fails at start with one line instead of being silently ignored."""
 
-import difflib
 import os
 import re
 import sys
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import List, Literal, Optional
 
 import pydantic
 from pydantic import Field
 
-from utils.functions import load_model_class
-
-
-class ConfigError(ValueError):
-    """Bad configuration; the message is one line naming the problem and the fix."""
-
-
-class LossConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the loss head's constructor
-    name: str
-
-
-# Ranges of the model fields shared by the variants (name: (low, high, what)); a value outside fails at start.
-ARCH_RANGES: Dict[str, Tuple[float, Optional[float], str]] = {
-    "H_cycles": (1, None, "a whole number >= 1"), "L_cycles": (1, None, "a whole number >= 1"),
-    "H_layers": (0, None, "a whole number >= 0"), "L_layers": (1, None, "a whole number >= 1"),
-    "halt_max_steps": (1, None, "a whole number >= 1"), "hidden_size": (1, None, "a whole number >= 1"),
-    "num_heads": (1, None, "a whole number >= 1"), "expansion": (0, None, "a number > 0"),
-    "puzzle_emb_ndim": (0, None, "a whole number >= 0"), "puzzle_emb_len": (0, None, "a whole number >= 0"),
-    "halt_exploration_prob": (0, 1, "a probability in [0, 1]"),
-}
-
-
-class ArchConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")  # the model's own fields; checked by validate_arch
-    name: str
-    loss: LossConfig
-
-    @pydantic.model_validator(mode="after")
-    def _check_ranges(self):
-        for key, (low, high, what) in ARCH_RANGES.items():
-            value = (self.model_extra or {}).get(key)
-            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue  # absent, or a type the model's own config rejects with its own message
-            bad = value < low or (high is not None and value > high) or (key == "expansion" and value <= 0)
-            if bad:
-                raise ConfigError(f"arch.{key}={value} is out of range: it must be {what}")
-        return self
+from models.arch import ARCH_RANGES, ArchConfig, model_config_fields, validate_arch
+from utils.errors import ConfigError, did_you_mean
 
 
 class EvaluatorConfig(pydantic.BaseModel):
@@ -120,14 +83,6 @@ SHELL_SAFE = re.compile(r"[A-Za-z0-9._+=@,-]+")  # characters a shell takes lite
 def shell_safe(name: str) -> str:
     """`name` with every run of other characters replaced by '-', so a printed checkpoint path can be pasted."""
     return re.sub(r"[^A-Za-z0-9._+=@,-]+", "-", name)
-
-
-def did_you_mean(key: str, known) -> str:
-    """' did you mean H_cycles?' for a close match of `key` among `known` (dotted keys), else ''."""
-    prefix, _, leaf = key.rpartition(".")
-    same_level = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == prefix]
-    match = difflib.get_close_matches(leaf, same_level, n=1, cutoff=0.6)
-    return f"; did you mean {match[0]}? ({(prefix + '.' if prefix else '') + match[0]}=...)" if match else ""
 
 
 def known_keys(arch_fields=()) -> List[str]:
@@ -250,29 +205,6 @@ def parse_config(raw: dict) -> PretrainConfig:
         raise ConfigError(format_validation_error(e, fields)) from None
     validate_arch(config.arch)
     return config
-
-
-def model_config_fields(arch: ArchConfig) -> set:
-    """Field names of the model class's pydantic config (its `config_class`)."""
-    model_cls = load_model_class(arch.name)
-    return set(model_cls.config_class.model_fields)
-
-
-# Fields that pretrain.py injects from the dataset; setting them in arch would be overwritten.
-INJECTED_ARCH_FIELDS = {"batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers", "causal"}
-
-
-def validate_arch(arch: ArchConfig) -> None:
-    try:
-        known = model_config_fields(arch)
-    except ValueError as e:
-        raise ConfigError(f"arch.name: {e}") from None
-    for key in arch.model_extra or {}:
-        if key not in known or key in INJECTED_ARCH_FIELDS:
-            settable = sorted(known - INJECTED_ARCH_FIELDS)
-            hint = did_you_mean(f"arch.{key}", [f"arch.{f}" for f in settable])
-            raise ConfigError(f"unknown arch field 'arch.{key}' for {arch.name}{hint}; known fields: "
-                              f"{', '.join(settable)}")
 
 
 def check_batch_divides(global_batch_size: int, world_size: int, micro_batch_size: Optional[int]) -> int:

@@ -22,11 +22,13 @@ import torch
 import yaml
 
 from dataset.common import PuzzleDatasetMetadata
+from models.arch import ArchConfig, validate_arch
 from models.build import build_model
 from models.layers import swiglu_intermediate_size
-from utils.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict, sha256_file,
-                              strip_prefixes, unwrap)
-from utils.config import ArchConfig, ConfigError, PretrainConfig, compose_config, validate_arch
+from training.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict,
+                                 sha256_file, strip_prefixes, unwrap)
+from training.config import PretrainConfig, compose_config
+from utils.errors import ConfigError
 from utils.functions import load_model_class
 from utils.hub import resolve_checkpoint
 
@@ -75,7 +77,7 @@ def checkpoint_description(config: PretrainConfig, metadata: PuzzleDatasetMetada
 def write_checkpoint_description(checkpoint_file: str, config: PretrainConfig, metadata: PuzzleDatasetMetadata,
                                  step: int) -> None:
     header = ("# The configuration these weights were trained with (written by pretrain.py beside the weights).\n"
-              "# scripts/run_eval_only.py and utils/model_loader.py rebuild the model from it.\n")
+              "# scripts/run_eval_only.py and inference/model_loader.py rebuild the model from it.\n")
     text = header + yaml.safe_dump(checkpoint_description(config, metadata, step), sort_keys=False)
     atomic_write_text(description_path(checkpoint_file), text)
 

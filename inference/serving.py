@@ -14,13 +14,17 @@ import numpy as np
 import torch
 
 from dataset.common import PuzzleDatasetMetadata
+from inference import recording
+from inference.model_loader import load_model_from_checkpoint
 from puzzle_dataset import load_metadata
-from utils import inference
-from utils.config import compose_config
-from utils.model_loader import load_model_from_checkpoint
+from training.config import compose_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml")
+# The pages that scripts/serve.py and infra/modal_app.py serve.
+PAGES_DIR = os.path.join(REPO_ROOT, "visualizers")
+SCRIPT = "trm_viz.js"  # shared by the pages
+PAGES = ("sudoku_visualizer.html", "maze_visualizer.html", "arc_visualizer.html", "unified_visualizer.html")
 
 
 class RequestError(ValueError):
@@ -50,7 +54,7 @@ def load_for_inference(checkpoint: str, dataset: str, overrides: Sequence[str] =
     eval mode on `device` (default: CUDA when available)."""
     config = compose_config(config_file, list(overrides), fixed=dict(data_paths=[dataset], data_paths_test=[]))
     metadata = load_metadata(dataset, "test")
-    task = inference.task_kind(metadata)
+    task = recording.task_kind(metadata)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device} asked for, but torch sees no CUDA device; use --device cpu")
@@ -101,17 +105,17 @@ def predict_grid(loaded: ServingModel, request: Dict) -> Dict:
     if "grid" not in request:
         raise RequestError(400, "the request has no 'grid' (a list of rows of integers)")
     try:
-        tokens = inference.grid_to_tokens(loaded.task, request["grid"], loaded.metadata)
-    except inference.GridError as e:
+        tokens = recording.grid_to_tokens(loaded.task, request["grid"], loaded.metadata)
+    except recording.GridError as e:
         raise RequestError(400, str(e)) from None
     identifier = _resolve_identifier(loaded, request)
-    batch = inference.make_batch(tokens[None], None, np.array([identifier]), loaded.metadata, loaded.device)
+    batch = recording.make_batch(tokens[None], None, np.array([identifier]), loaded.metadata, loaded.device)
     with loaded.lock:
-        trace = inference.trace_act_steps(loaded.model, batch)
-    example = inference.describe_example(loaded.task, trace, 0, tokens, None, identifier,
+        trace = recording.trace_act_steps(loaded.model, batch)
+    example = recording.describe_example(loaded.task, trace, 0, tokens, None, identifier,
                                          loaded.identifiers[identifier] if identifier < len(loaded.identifiers) else None,
                                          None)
-    return {"task": loaded.task, "grid_size": [inference.grid_side(loaded.metadata)] * 2, "source": "model", **example}
+    return {"task": loaded.task, "grid_size": [recording.grid_side(loaded.metadata)] * 2, "source": "model", **example}
 
 
 _STEP_FILE = re.compile(r"step_(\d+)_all_preds\.(\d+)$")
@@ -140,7 +144,7 @@ class SavedOutputs:
             raise RequestError(404, f"{self.preds_file} has no preds/inputs: evaluate with --eval-save-outputs "
                                     "inputs labels puzzle_identifiers preds")
         self.document = None
-        json_path = os.path.join(run_dir, inference.VISUALIZER_JSON)
+        json_path = os.path.join(run_dir, recording.VISUALIZER_JSON)
         if os.path.isfile(json_path):
             with open(json_path) as f:
                 self.document = json.load(f)
@@ -161,10 +165,10 @@ class SavedOutputs:
             row = labels[index].numpy().copy()
             correct = bool(((preds == row) | (row < 0)).all())
             row[row < 0] = 0  # ignored positions (PAD) show as PAD
-            label = inference.tokens_to_grid(self.task, row)
+            label = recording.tokens_to_grid(self.task, row)
         ids = self.saved.get("puzzle_identifiers")
         return {"task": self.task, "source": "saved", "preds_file": self.preds_file, "index": index,
                 "puzzle_identifier": int(ids[index]) if ids is not None else None, "puzzle_name": None,
-                "input": inference.tokens_to_grid(self.task, self.saved["inputs"][index].numpy()),
-                "label": label, "prediction": inference.tokens_to_grid(self.task, preds),
+                "input": recording.tokens_to_grid(self.task, self.saved["inputs"][index].numpy()),
+                "label": label, "prediction": recording.tokens_to_grid(self.task, preds),
                 "prediction_tokens": preds.astype(int).tolist(), "steps": [], "correct": correct}

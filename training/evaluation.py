@@ -11,8 +11,8 @@ import tqdm
 
 from dataset.common import PuzzleDatasetMetadata
 from models.losses import IGNORE_LABEL_ID
+from training.checkpoint import atomic_torch_save, unwrap
 from utils import distributed
-from utils.checkpoint import atomic_torch_save, unwrap
 
 BATCH_KEYS = ("inputs", "labels", "puzzle_identifiers")
 
