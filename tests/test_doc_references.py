@@ -80,3 +80,13 @@ def test_readme_fix_list_numbers_are_items_of_section_12():
         fixed = f.read().split("Fixed (", 1)[1].split("\n## ", 1)[0]
     cited = {int(n) for group in re.findall(r"(?<!\[)\[(\d+(?:, \d+)*)\](?!\])", fixed) for n in group.split(", ")}
     assert cited and cited <= items, sorted(cited - items)
+
+
+def test_files_named_in_the_compatibility_doc_exist():
+    with open(os.path.join(REPO, COMPAT_DOC)) as f:
+        text = f.read()
+    top_level = set(os.listdir(REPO))
+    named = set(re.findall(r"(?<![\w<>./-])((?:[\w-]+/)+[\w.-]+\.(?:py|yaml|json|txt|md))", text))
+    named = {p for p in named if p.split("/")[0] in top_level}
+    assert len(named) >= 10
+    assert not [p for p in sorted(named) if not os.path.exists(os.path.join(REPO, p))]
