@@ -176,13 +176,7 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
         values = torch.stack([metrics[k].detach().to(torch.float64) for k in metric_keys])
         metric_sums = values if metric_sums is None else metric_sums + values
 
-    if dist_info.world_size > 1:
-        grads = [p.grad for p in state.model.parameters() if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.flatten() for g in grads])  # one collective instead of one per tensor
-            distributed.all_reduce_sum(flat)
-            for g, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(reduced)
+    distributed.all_reduce_sum_coalesced([p.grad for p in state.model.parameters() if p.grad is not None])
 
     lr = 0.0
     for opt, base_lr in zip(state.optimizers, state.base_lrs):

@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from dataset.common import PuzzleDatasetMetadata, inverse_aug
+from utils import distributed
 
 GRID_SIDE = 30  # ARC sequences are a flattened 30x30 token canvas
 # Token ids: 0 PAD, 1 EOS, 2..11 colours 0..9.
@@ -118,15 +118,14 @@ class ARC:
             self._votes.setdefault(base_name, {}).setdefault(input_hash, []).append((pred_hash, float(q)))
 
     def result(
-        self, save_path: Optional[str], rank: int, world_size: int, group: Optional[dist.ProcessGroup] = None
+        self, save_path: Optional[str], rank: int, world_size: int, group=None
     ) -> Optional[Dict[str, float]]:
         """Vote and score on rank 0; write `<save_path>/submission.json` there when `save_path` is given.
         Every rank must call this (it gathers); ranks other than 0 return None."""
         if world_size > 1:
-            if not dist.is_initialized():
+            if not distributed.is_distributed():
                 raise RuntimeError(f"ARC.result: world_size is {world_size} but torch.distributed is not initialized")
-            gathered = [None] * world_size if rank == 0 else None
-            dist.gather_object((self._hmap, self._votes), gathered, dst=0, group=group)
+            gathered = distributed.gather_objects((self._hmap, self._votes), dst=0, group=group)
         else:
             gathered = [(self._hmap, self._votes)]
         if rank != 0:

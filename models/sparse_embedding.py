@@ -5,11 +5,11 @@ it; `CastedSparseEmbeddingSignSGD_Distributed` updates the touched rows with sig
 """
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from models.common import trunc_normal_init_
+from utils import distributed
 
 
 class CastedSparseEmbedding(nn.Module):
@@ -102,11 +102,8 @@ def _sparse_emb_signsgd_dist(local_grad: torch.Tensor, local_ids: torch.Tensor, 
                              lr: float, weight_decay: float, world_size: int) -> None:
     N, D = local_grad.shape
     all_grad, all_ids = local_grad, local_ids  # [N, D], [N]
-    if world_size > 1 and dist.is_available() and dist.is_initialized():
-        all_grad = torch.empty(world_size * N, D, dtype=local_grad.dtype, device=local_grad.device)
-        all_ids = torch.empty(world_size * N, dtype=local_ids.dtype, device=local_ids.device)
-        dist.all_gather_into_tensor(all_grad, local_grad)
-        dist.all_gather_into_tensor(all_ids, local_ids)
+    if world_size > 1:  # every rank's rows: [world_size * N, D], [world_size * N]
+        all_grad, all_ids = distributed.all_gather_rows(local_grad), distributed.all_gather_rows(local_ids)
 
     # Sum the gradients of rows that share an id (a puzzle can appear several times in a batch).
     grad_ids, inv = all_ids.unique(return_inverse=True)

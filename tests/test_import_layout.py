@@ -1,6 +1,6 @@
-"""The package layout: no two top-level packages import each other, directly or through others, and utils/ stays a
-leaf (it imports no other part of the project). Imports are read with ast from every tracked .py file, including
-those inside functions."""
+"""The package layout: no two top-level packages import each other, directly or through others; utils/ stays a
+leaf (it imports no other part of the project); collectives go through utils/distributed.py alone. Imports are read
+with ast from every tracked .py file, including those inside functions."""
 
 import ast
 import os
@@ -100,6 +100,25 @@ def test_no_import_cycle_between_packages():
 def test_utils_imports_no_other_project_package():
     edges = package_graph()
     assert [f"utils -> {b} at {where}" for (a, b), where in sorted(edges.items()) if a == "utils"] == []
+
+
+def torch_distributed_uses(path: str) -> List[str]:
+    """`file:line` of every import or attribute use of torch.distributed or torch's private torch._utils."""
+    with open(os.path.join(REPO, path)) as f:
+        tree = ast.parse(f.read(), filename=path)
+    uses = [line for module, line in imported_modules(path) if module.startswith(("torch.distributed", "torch._utils"))]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "torch" \
+                and node.attr in ("distributed", "_utils"):
+            uses.append(node.lineno)
+    return [f"{path}:{line}" for line in sorted(set(uses))]
+
+
+def test_only_utils_distributed_uses_torch_distributed():
+    # Tests may set up a process group of their own (tests/arc_dist_worker.py); the project's code may not.
+    users = [use for path in python_files() if not path.startswith("tests/") and path != "utils/distributed.py"
+             for use in torch_distributed_uses(path)]
+    assert users == []
 
 
 def test_find_cycle_reports_a_cycle():

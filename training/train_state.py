@@ -31,7 +31,6 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from training.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
 from utils import distributed
@@ -437,11 +436,7 @@ class StopRequest:
 
     def agreed(self, dist_info: distributed.DistInfo) -> int:
         """The signal number if any rank caught one (the same answer on every rank: a collective), else 0."""
-        signum = self.signum
-        if distributed.is_distributed():  # over the gloo group: a CPU tensor, no GPU synchronisation
-            flag = torch.tensor([signum], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dist_info.cpu_group)
-            signum = int(flag.item())
+        signum = distributed.max_over_ranks(self.signum)
         if signum and dist_info.is_main:
             print(f"\n{signal.Signals(signum).name} caught: saving the training state, then stopping "
                   "(continue with +resume=true)", file=sys.stderr, flush=True)

@@ -1,6 +1,6 @@
-"""Device and process-group set-up, in one place. Under torchrun (env LOCAL_RANK): NCCL on CUDA, gloo on CPU,
-plus a gloo group for object gathers. Without torchrun: one process, no process group, and every collective
-below is a no-op, so the same code runs on a laptop."""
+"""Device and process-group set-up, and every collective the project uses, in one place. Under torchrun (env
+LOCAL_RANK): NCCL on CUDA, gloo on CPU, plus a gloo group for object gathers and CPU flags. Without torchrun: one
+process, no process group, and every collective below returns its input, so the same code runs on a laptop."""
 
 import os
 from dataclasses import dataclass
@@ -69,6 +69,25 @@ def all_gather_objects(obj: Any) -> List[Any]:
     return out
 
 
+def gather_objects(obj: Any, dst: int = 0, group: Optional[Any] = None) -> Optional[List[Any]]:
+    """Every rank's `obj` in rank order on rank `dst` (None on the others), over `group` (default: the gloo
+    group); `[obj]` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: Optional[List[Any]] = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group if group is not None else _object_group())
+    return out
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] on every rank -> [world_size * N, ...], the ranks' rows in rank order (same N on every rank)."""
+    if not is_distributed():
+        return t
+    out = torch.empty((dist.get_world_size() * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+    dist.all_gather_into_tensor(out, t.contiguous())
+    return out
+
+
 def reduce_sum_to_main(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.reduce(t, dst=0)
@@ -79,6 +98,26 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(t)
     return t
+
+
+def all_reduce_sum_coalesced(tensors: List[torch.Tensor]) -> None:
+    """Sum each tensor over ranks, in place, with one collective: flattened into one buffer (one dtype) and
+    copied back."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, reduced in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(reduced.view_as(t))
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of the ranks' integers, on every rank; over the gloo group, so no GPU synchronisation."""
+    if not is_distributed():
+        return value
+    flag = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_object_group())
+    return int(flag.item())
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
@@ -101,5 +140,5 @@ def cleanup() -> None:
 
 
 def _object_group():
-    # Object collectives go through gloo: NCCL would move pickled bytes through the GPU.
+    # Object collectives and CPU flags go through gloo: NCCL would move them through the GPU.
     return _CPU_GROUP if _CPU_GROUP is not None else dist.group.WORLD
