@@ -35,12 +35,13 @@ from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
 from training import train_state, wandb_logging
-from training.checkpoint import CheckpointError, atomic_write_text, save_model_state, unwrap
+from training.checkpoint import CheckpointError, save_model_state, unwrap
 from training.config import (PretrainConfig, check_batch_divides, check_command_line, check_data_paths, one_line,
                              parse_config, print_error, shell_safe)
 from training.evaluation import evaluate
 from training.schedule import cosine_schedule_with_warmup_lr
 from utils import distributed
+from utils.atomic import atomic_path, atomic_write_text
 from utils.errors import ConfigError
 from utils.functions import get_model_source_path, load_model_class
 
@@ -143,7 +144,8 @@ def save_code_and_config(config: PretrainConfig) -> None:
     os.makedirs(config.checkpoint_path, exist_ok=True)
     for identifier in (config.arch.name, config.arch.loss.name):
         source = get_model_source_path(identifier)
-        shutil.copy(source, os.path.join(config.checkpoint_path, os.path.basename(source)))
+        with atomic_path(os.path.join(config.checkpoint_path, os.path.basename(source))) as tmp:
+            shutil.copy(source, tmp)
     atomic_write_text(os.path.join(config.checkpoint_path, "all_config.yaml"), yaml.dump(config.model_dump()))
 
 

@@ -6,13 +6,14 @@ import csv
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pydantic
 from tqdm import tqdm
+
+from utils.atomic import atomic_path
 
 
 IGNORE_LABEL_ID = -100  # label value the loss skips: the loader maps `ignore_label_id` to it
@@ -88,18 +89,9 @@ def atomic_output_dir(output_dir: str) -> Iterator[str]:
         raise DatasetBuildError(
             f"output directory {output_dir} already exists and is not empty; remove it or choose another --output-dir"
         )
-    parent = os.path.dirname(output_dir) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(output_dir)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_path(output_dir) as tmp:  # the rename replaces an empty output_dir
+        os.makedirs(tmp)
         yield tmp
-        if os.path.isdir(output_dir):
-            os.rmdir(output_dir)  # empty (checked above)
-        os.rename(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str, obj) -> None:

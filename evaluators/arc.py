@@ -24,6 +24,7 @@ import torch
 
 from dataset.common import PuzzleDatasetMetadata, inverse_aug
 from utils import distributed
+from utils.atomic import atomic_path
 
 GRID_SIDE = 30  # ARC sequences are a flattened 30x30 token canvas
 # Token ids: 0 PAD, 1 EOS, 2..11 colours 0..9.
@@ -186,10 +187,5 @@ class ARC:
 
     @staticmethod
     def _write_submission(save_path: str, submission: dict) -> None:
-        # Temporary name + rename, so a reader never sees a half-written file.
-        os.makedirs(save_path, exist_ok=True)
-        final_path = os.path.join(save_path, "submission.json")
-        tmp_path = os.path.join(save_path, f".submission.json.tmp-{os.getpid()}")
-        with open(tmp_path, "w") as f:
+        with atomic_path(os.path.join(save_path, "submission.json")) as tmp, open(tmp, "w") as f:
             json.dump(submission, f)
-        os.replace(tmp_path, final_path)

@@ -25,9 +25,10 @@ from dataset.common import PuzzleDatasetMetadata
 from models.arch import ArchConfig, validate_arch
 from models.build import build_model
 from models.layers import swiglu_intermediate_size
-from training.checkpoint import (CheckpointError, atomic_write_text, load_model_state, read_state_dict,
-                                 sha256_file, strip_prefixes, unwrap)
+from training.checkpoint import (CheckpointError, load_model_state, read_state_dict, sha256_file, strip_prefixes,
+                                 unwrap)
 from training.config import PretrainConfig, compose_config
+from utils.atomic import atomic_write_text
 from utils.errors import ConfigError
 from utils.functions import load_model_class
 from utils.hub import resolve_checkpoint

@@ -12,7 +12,8 @@ import torch
 
 from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
 from evaluators.arc import crop_grid
-from training.checkpoint import atomic_write_text, unwrap
+from training.checkpoint import unwrap
+from utils.atomic import atomic_write_text
 
 VISUALIZER_JSON = "visualizer.json"  # written by scripts/run_eval_only.py beside step_0_all_preds.<rank>
 JSON_FORMAT = "trm-act-steps"

@@ -90,10 +90,10 @@ def run_eval(task: str, *, dataset_path: Optional[str] = None, checkpoint: Optio
                        outdir=outdir, model=model, gpus=gpus)
     result = subprocess.run(cmd, cwd=REPO_ROOT).returncode
     if result == 0:
-        latest = os.path.join(base, "latest")
-        tmp = f"{latest}.tmp-{os.getpid()}"
-        os.symlink(run_id, tmp)
-        os.replace(tmp, latest)  # atomic: readers see the old or the new run
+        from utils.atomic import atomic_path
+
+        with atomic_path(os.path.join(base, "latest")) as tmp:  # readers see the old or the new run
+            os.symlink(run_id, tmp)
     return {"status": "ok" if result == 0 else "failed", "output_dir": outdir, "result": result, "run_id": run_id}
 
 

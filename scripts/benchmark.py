@@ -30,6 +30,7 @@ from training.checkpoint import unwrap  # noqa: E402
 from training.config import compose_config  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
+from utils.atomic import atomic_write_text  # noqa: E402
 
 
 def synthetic_batches(metadata: PuzzleDatasetMetadata, batch_size: int, seed: int):
@@ -176,10 +177,7 @@ def main(argv=None) -> dict:
         text = json.dumps(result)
         print(text)
         if args.json_out:
-            tmp = args.json_out + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, args.json_out)
+            atomic_write_text(args.json_out, text + "\n")
     distributed.cleanup()
     return result
 

@@ -14,6 +14,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
+
+from utils.atomic import atomic_write_text  # noqa: E402
+
 DEFAULT_KEYS = ["train/lm_loss", "train/accuracy", "train/exact_accuracy", "train/q_halt_loss", "all/lm_loss",
                 "all/accuracy", "all/exact_accuracy"]
 Series = Dict[str, List[Tuple[int, float]]]
@@ -95,10 +99,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics.html")
-    tmp = f"{out}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(render_html(args.metrics, series, keys))
-    os.replace(tmp, out)
+    atomic_write_text(out, render_html(args.metrics, series, keys))
     print(f"Plotted {len(keys)} metrics: {out}")
     return 0
 

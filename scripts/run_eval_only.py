@@ -26,11 +26,12 @@ import torch  # noqa: E402
 from inference import recording  # noqa: E402
 from inference.model_loader import load_model_from_checkpoint  # noqa: E402
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig, create_dataloader  # noqa: E402
-from training.checkpoint import CheckpointError, atomic_write_text, load_model_state, read_state_dict, unwrap  # noqa: E402
+from training.checkpoint import CheckpointError, load_model_state, read_state_dict, unwrap  # noqa: E402
 import training.config  # noqa: E402
 from training.config import check_batch_divides  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
+from utils.atomic import atomic_write_text  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
 from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402

@@ -11,6 +11,7 @@ from typing import Dict
 import torch
 
 from models.common import strip_wrapper_prefixes
+from utils.atomic import atomic_path
 
 PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
 
@@ -112,22 +113,9 @@ def load_model_state(model: torch.nn.Module, state_dict: Dict[str, torch.Tensor]
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary name, fsync, then rename: a crash never leaves a truncated file under `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """torch.save under a temporary name, fsynced, then renamed: a crash never leaves a truncated file at `path`."""
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save_model_state(model: torch.nn.Module, path: str, compiled: bool) -> None:

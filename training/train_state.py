@@ -34,6 +34,7 @@ import torch
 
 from training.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
 from utils import distributed
+from utils.atomic import atomic_write_text
 from utils.errors import ConfigError
 
 FORMAT = 1
@@ -187,12 +188,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=1), fsync=True)
 
 
 def _save_file(obj: Any, path: str) -> Tuple[str, dict]:
@@ -358,10 +354,7 @@ def rewind_metrics_file(checkpoint_path: str, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError, TypeError):
             pass  # a line cut short by a kill
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(kept))
 
 
 def refuse_existing_run(config, dist_info: distributed.DistInfo) -> None:
