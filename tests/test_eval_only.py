@@ -18,12 +18,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from evaluators.arc import ARC
 from models.build import build_model
 from puzzle_dataset import load_metadata
-from models.arch import ArchConfig
+from training.config import compose_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNER = os.path.join(REPO, "scripts", "run_eval_only.py")
@@ -39,8 +38,8 @@ NUM_TEST = 12
 
 def arch_config(arch="trm", **extra):
     """The arch the runner composes from config/arch/<arch>.yaml plus `arch.*` overrides."""
-    cfg = OmegaConf.merge(OmegaConf.load(os.path.join(REPO, "config", "arch", f"{arch}.yaml")), {**TINY, **extra})
-    return ArchConfig(**OmegaConf.to_container(cfg, resolve=True))
+    overrides = [f"arch={arch}"] + [f"arch.{k}={v}" for k, v in {**TINY, **extra}.items()]
+    return compose_config(os.path.join(REPO, "config", "cfg_pretrain.yaml"), overrides).arch
 
 
 def tiny_model(metadata, arch="trm", seed=0, **extra):

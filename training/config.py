@@ -153,7 +153,7 @@ def _arch_yaml_fields(config_dir: str) -> List[str]:
         if name.endswith(".yaml"):
             with open(os.path.join(config_dir, "arch", name)) as f:
                 fields |= set(yaml.safe_load(f) or {})
-    return sorted(fields)
+    return sorted(fields - {"defaults"})  # `defaults` is Hydra's list (trm_mlp.yaml extends trm.yaml), not a field
 
 
 def check_command_line(config_file: str, argv: List[str]) -> None:
