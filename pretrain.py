@@ -52,6 +52,7 @@ class TrainState:
     optimizers: List[torch.optim.Optimizer]
     base_lrs: List[float]
     carries: List[Any]  # one ACT carry per micro-batch slot (None until the first step)
+    act_generator: torch.Generator  # ACT exploration draws (on the training device); saved with the training state
     step: int
     total_steps: int
     micro_batch_size: int
@@ -135,8 +136,9 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
         ema = EMAHelper(mu=config.ema_rate)
         ema.register(model)
     return TrainState(model=model, optimizers=optimizers, base_lrs=base_lrs,
-                      carries=[None] * (local_batch // micro_batch_size), step=0, total_steps=total_steps,
-                      micro_batch_size=micro_batch_size, compiled=compiled, ema=ema)
+                      carries=[None] * (local_batch // micro_batch_size),
+                      act_generator=train_state.act_generator(config.seed, dist_info.rank, dist_info.device),
+                      step=0, total_steps=total_steps, micro_batch_size=micro_batch_size, compiled=compiled, ema=ema)
 
 
 def save_code_and_config(config: PretrainConfig) -> None:
@@ -168,7 +170,8 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
         micro = {k: v[slot * mb:(slot + 1) * mb] for k, v in batch.items()}
         if state.carries[slot] is None:
             state.carries[slot] = unwrap(state.model).initial_carry(micro)  # all rows halted: filled from `micro`
-        state.carries[slot], loss, metrics, _, _ = state.model(return_keys=(), carry=state.carries[slot], batch=micro)
+        state.carries[slot], loss, metrics, _, _ = state.model(return_keys=(), carry=state.carries[slot], batch=micro,
+                                                               generator=state.act_generator)
         (loss / global_batch_size).backward()
         if len(state.carries) > 1:
             for opt in state.optimizers:
@@ -237,7 +240,7 @@ def setup(hydra_config: DictConfig):
 
     config = distributed.broadcast_object(fill_run_names(config) if dist_info.is_main else None)
     train_state.refuse_existing_run(config, dist_info)
-    torch.manual_seed(config.seed + dist_info.rank)
+    torch.manual_seed(config.seed + dist_info.rank)  # weight initialisation (rank 0's weights are broadcast)
 
     epochs_per_iter = config.eval_interval if config.eval_interval is not None else config.epochs
     train_loader, train_metadata = create_loader(config, "train", config.data_paths, dist_info, epochs_per_iter)

@@ -90,8 +90,9 @@ def test_evaluation_model_switch_on_cpu():
     from training.checkpoint import unwrap
 
     plain = loss_head()
-    state = pretrain.TrainState(model=torch.compile(plain), optimizers=[], base_lrs=[], carries=[None], step=0,
-                                total_steps=1, micro_batch_size=4, compiled=True)
+    state = pretrain.TrainState(model=torch.compile(plain), optimizers=[], base_lrs=[], carries=[None],
+                                act_generator=torch.Generator(), step=0, total_steps=1, micro_batch_size=4,
+                                compiled=True)
     assert pretrain.evaluation_model(state, compile_eval=False) is plain
     assert pretrain.evaluation_model(state, compile_eval=True) is plain  # CPU: eager
     assert unwrap(state.model) is plain and state.eval_compiled is None

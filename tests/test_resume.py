@@ -257,6 +257,42 @@ def test_micro_batches_give_the_same_update_as_one_batch(data_dir):
     assert moved.tolist() == [False] + [True] * 6
 
 
+def test_act_exploration_draws_from_its_seeded_generator(data_dir):
+    """Exploration (probability 0.5, with a halting head that says "halt", so the draws decide the ACT steps) takes
+    its draws from the training state's generator, seeded by (seed, rank): a train step leaves the global RNG as it
+    was, the same seed gives the same steps, another seed other steps."""
+    from pretrain import create_train_state, train_batch
+    from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+    from training.checkpoint import unwrap
+    from training.config import compose_config
+    from training.train_state import act_generator
+    from utils.distributed import DistInfo
+
+    dist_info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    dataset = PuzzleDataset(PuzzleDatasetConfig(seed=0, dataset_paths=[data_dir], global_batch_size=8,
+                                                test_set_mode=False, epochs_per_iter=1, rank=0, num_replicas=1))
+    batches = [batch for _, (_, batch, _) in zip(range(4), dataset)]
+
+    def train(seed):
+        config = compose_config(os.path.join(REPO, "config", "cfg_pretrain.yaml"),
+                                [f"data_paths=[{data_dir}]", *TINY, f"seed={seed}"])
+        torch.manual_seed(0)  # the same initial weights for every seed
+        state = create_train_state(config, dataset.metadata, dist_info)
+        with torch.no_grad():
+            unwrap(state.model).model.inner.q_head.bias[0] = 5.0
+        global_rng = torch.get_rng_state()
+        steps = [train_batch(config, state, batch, 8, dist_info)["train/steps"] for batch in batches]
+        assert torch.equal(torch.get_rng_state(), global_rng)
+        assert not torch.equal(state.act_generator.get_state(), act_generator(seed, 0, dist_info.device).get_state())
+        return steps
+
+    assert train(0) == train(0) != train(1)
+    draws = {(seed, rank): torch.rand(16, generator=act_generator(seed, rank, torch.device("cpu"))).tolist()
+             for seed, rank in ((0, 0), (0, 1), (1, 0))}
+    assert len({tuple(d) for d in draws.values()}) == 3  # ranks and seeds explore independently
+    assert torch.rand(16, generator=act_generator(0, 0, torch.device("cpu"))).tolist() == draws[(0, 0)]
+
+
 # --- training/train_state.py pieces ----------------------------------------------------------------------------------
 
 def _fake_checkpoint(root, step, complete=True):

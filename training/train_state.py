@@ -1,16 +1,18 @@
 """Full training-state checkpoints for exact resume, beside the reference-format weights files: everything a run
-needs to continue bit for bit (weights, optimizer moments, EMA shadow, step, data position, RNG states, ACT carries).
+needs to continue bit for bit (weights, optimizer moments, EMA shadow, step, data position, ACT exploration
+generator, ACT carries).
 
 On disk, one folder per checkpoint, `<checkpoint_path>/train_state/step_<N>/`:
     shared.pt      rank 0: step, data position, model state dict (incl. the puzzle table and H_init/L_init
                    buffers), optimizer state dicts (AdamATan2 moments; sign-SGD is stateless), EMA shadow
-    rank_<r>.pt    every rank: its RNG states (torch CPU, CUDA, numpy, python) and its ACT carries
+    rank_<r>.pt    every rank: its ACT exploration generator's state and its ACT carries
     manifest.json  written last by rank 0: {"format", "step", "code_version", "config_hash", "config",
                    "files": {name: {"bytes", "sha256"}}}; a folder without it is incomplete
 Every file is written under a temporary name, fsynced and renamed. Resume picks the newest folder whose files
 match the manifest (a truncated or corrupt one is skipped with a warning) and refuses one whose `config` (the
 fields in COMPATIBILITY_FIELDS) differs from the current run's. The LR schedule is a pure function of the step, and
-the loader's batches depend only on (seed, pass), so the step and (passes done, batches done) fix both.
+the loader's batches depend only on (seed, pass), so the step and (passes done, batches done) fix both; the only
+other random draws of a train step are ACT exploration's, from the generator saved per rank.
 """
 
 import contextlib
@@ -19,7 +21,6 @@ import functools
 import hashlib
 import json
 import os
-import random
 import re
 import shlex
 import shutil
@@ -109,24 +110,11 @@ def code_version() -> Optional[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Pieces of the state
 
-def rng_state(device: torch.device) -> dict:
-    keys_name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": {"name": keys_name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+def act_generator(seed: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of ACT exploration's draws on `device`, seeded by (seed, rank): ranks explore independently,
+    and the stream is apart from the global one that pretrain.py seeds with seed + rank for the initial weights."""
+    derived = np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(derived))
 
 
 def carry_to_plain(carry: Any) -> Any:
@@ -218,7 +206,7 @@ def save(config, dist_info: distributed.DistInfo, state) -> str:
             "ema": state.ema.state_dict() if state.ema is not None else None,
         }, os.path.join(folder, SHARED_FILE)))
     files.append(_save_file({
-        "rng": rng_state(dist_info.device),
+        "act_generator": state.act_generator.get_state(),
         "carries": [carry_to_plain(carry) for carry in state.carries],
     }, os.path.join(folder, rank_file(dist_info.rank))))
 
@@ -296,7 +284,7 @@ def _read(path: str) -> dict:
 
 
 def load(folder: str, dist_info: distributed.DistInfo, state) -> None:
-    """Restore `state` (model, optimizers, EMA, step, data position, carries) and this rank's RNG states."""
+    """Restore `state` (model, optimizers, EMA, step, data position, carries, this rank's ACT generator)."""
     shared = _read(os.path.join(folder, SHARED_FILE))
     mine = _read(os.path.join(folder, rank_file(dist_info.rank)))
     load_model_state(state.model, shared["model"], resize_puzzle_table=False, source=folder)
@@ -312,7 +300,11 @@ def load(folder: str, dist_info: distributed.DistInfo, state) -> None:
         raise CheckpointError(f"training state {folder} holds {len(mine['carries'])} ACT carries per rank, this run "
                               f"has {len(state.carries)} micro-batch slots")
     state.carries = [carry_from_plain(c, state.model, dist_info.device) for c in mine["carries"]]
-    set_rng_state(mine["rng"], dist_info.device)  # last: nothing may draw between here and the next train step
+    if "act_generator" in mine:
+        state.act_generator.set_state(mine["act_generator"])
+    elif dist_info.is_main:  # written before exploration had its own generator (it drew from the global RNG)
+        print(f"note: training state {folder} holds no ACT generator state; exploration continues from a fresh "
+              "seeded stream, so this resume is not bit for bit", file=sys.stderr, flush=True)
 
 
 def find_resumable(config, dist_info: distributed.DistInfo) -> Optional[Tuple[str, dict]]:
