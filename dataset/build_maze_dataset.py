@@ -18,8 +18,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.common import (DatasetBuildError, atomic_output_dir, dihedral_transform, read_source_csv, run_cli,
-                            save_single_example_split, source_csv_path, write_json)
+from dataset.common import (DatasetBuildError, add_source_arguments, atomic_output_dir, dihedral_transform,
+                            read_source_csv, read_source_splits, run_cli, save_single_example_split, subsample,
+                            write_json)
 
 CHARSET = "# SGo"
 CHAR_TO_TOKEN = np.zeros(256, dtype=np.uint8)
@@ -69,15 +70,11 @@ def main(args: argparse.Namespace) -> None:
         raise DatasetBuildError("--subsample-size must be >= 1")
     rng = np.random.default_rng(args.seed)
     with atomic_output_dir(args.output_dir) as tmp:
-        splits = {split: read_split(source_csv_path(args.source_repo, args.source_dir, f"{split}.csv", OFFLINE_HINT))
-                  for split in ("train", "test")}
+        splits = read_source_splits(args, read_split, OFFLINE_HINT)
         if splits["train"][0].shape[1:] != splits["test"][0].shape[1:]:
             raise DatasetBuildError(f"train mazes are {splits['train'][0].shape[1]} wide but test mazes "
                                     f"{splits['test'][0].shape[1]}; both splits need one size")
-        questions, answers = splits["train"]
-        if args.subsample_size is not None and args.subsample_size < len(questions):
-            keep = rng.choice(len(questions), size=args.subsample_size, replace=False)
-            questions, answers = questions[keep], answers[keep]
+        questions, answers = subsample(*splits["train"], args.subsample_size, rng)
         if args.aug:
             write_split(tmp, "train", dihedral_versions(questions), dihedral_versions(answers), group_size=8)
         else:
@@ -88,10 +85,7 @@ def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source-repo", default="sapientinc/maze-30x30-hard-1k", help="hub dataset repo")
-    parser.add_argument("--source-dir", default=None, help="read train.csv and test.csv here instead of the hub")
-    parser.add_argument("--output-dir", default="data/maze-30x30-hard-1k")
-    parser.add_argument("--subsample-size", type=int, default=None, help="train mazes to keep (random subset)")
+    add_source_arguments(parser, "sapientinc/maze-30x30-hard-1k", "data/maze-30x30-hard-1k", rows="mazes")
     parser.add_argument("--aug", action="store_true", help="each train maze -> group of its 8 dihedral versions")
     parser.add_argument("--seed", type=int, default=0, help="seeds the subsample")
     return parser.parse_args(argv)

@@ -20,8 +20,8 @@ from tqdm import tqdm
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dataset.common import (DatasetBuildError, atomic_output_dir, read_source_csv, run_cli,
-                            save_single_example_split, source_csv_path, write_json)
+from dataset.common import (DatasetBuildError, add_source_arguments, atomic_output_dir, read_source_csv,
+                            read_source_splits, run_cli, save_single_example_split, subsample, write_json)
 
 QUESTION_RE = re.compile(r"[.0-9]{81}")  # '.' or '0' = blank
 ANSWER_RE = re.compile(r"[1-9]{81}")
@@ -122,13 +122,8 @@ def main(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     with atomic_output_dir(args.output_dir) as tmp:
         # Read and validate both splits before the long augmentation step.
-        splits = {split: read_split(source_csv_path(args.source_repo, args.source_dir, f"{split}.csv", OFFLINE_HINT),
-                                    args.min_difficulty)
-                  for split in ("train", "test")}
-        questions, answers = splits["train"]
-        if args.subsample_size is not None and args.subsample_size < len(questions):
-            keep = rng.choice(len(questions), size=args.subsample_size, replace=False)
-            questions, answers = questions[keep], answers[keep]
+        splits = read_source_splits(args, lambda path: read_split(path, args.min_difficulty), OFFLINE_HINT)
+        questions, answers = subsample(*splits["train"], args.subsample_size, rng)
         inputs, labels = augment(questions, answers, args.num_aug, rng)
         write_split(tmp, "train", inputs, labels, group_size=1 + args.num_aug)
         write_split(tmp, "test", *splits["test"], group_size=1)
@@ -137,10 +132,7 @@ def main(args: argparse.Namespace) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source-repo", default="sapientinc/sudoku-extreme", help="hub dataset repo")
-    parser.add_argument("--source-dir", default=None, help="read train.csv and test.csv here instead of the hub")
-    parser.add_argument("--output-dir", default="data/sudoku-extreme-full")
-    parser.add_argument("--subsample-size", type=int, default=None, help="train puzzles to keep (random subset)")
+    add_source_arguments(parser, "sapientinc/sudoku-extreme", "data/sudoku-extreme-full", rows="puzzles")
     parser.add_argument("--min-difficulty", type=int, default=None, help="keep rows rated at least this (both splits)")
     parser.add_argument("--num-aug", type=int, default=0, help="shuffled copies per train puzzle")
     parser.add_argument("--seed", type=int, default=0, help="seeds the subsample and the augmentations")

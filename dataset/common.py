@@ -1,6 +1,7 @@
 """Shared pieces of the dataset builders, the loader and the evaluators: the on-disk metadata model, the eight
 dihedral transforms with their inverses, and atomic writing of a dataset folder."""
 
+import argparse
 import contextlib
 import csv
 import json
@@ -150,6 +151,29 @@ def source_csv_path(source_repo: str, source_dir: Optional[str], filename: str, 
         raise DatasetBuildError(f"cannot download {filename} of hub dataset {source_repo}: {first_line}") from None
 
 
+def add_source_arguments(parser: argparse.ArgumentParser, source_repo: str, output_dir: str, rows: str) -> None:
+    """The Sudoku and Maze builders' input and output flags; `rows` names what --subsample-size counts."""
+    parser.add_argument("--source-repo", default=source_repo, help="hub dataset repo")
+    parser.add_argument("--source-dir", default=None, help="read train.csv and test.csv here instead of the hub")
+    parser.add_argument("--output-dir", default=output_dir)
+    parser.add_argument("--subsample-size", type=int, default=None, help=f"train {rows} to keep (random subset)")
+
+
+def read_source_splits(args: argparse.Namespace, read_split: Callable[[str], tuple], offline_hint: str) -> dict:
+    """{"train": read_split(train.csv), "test": read_split(test.csv)} from --source-dir or the hub's --source-repo."""
+    return {split: read_split(source_csv_path(args.source_repo, args.source_dir, f"{split}.csv", offline_hint))
+            for split in ("train", "test")}
+
+
+def subsample(questions: np.ndarray, answers: np.ndarray, size: Optional[int],
+              rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+    """`size` random rows of both (all rows when size is None or not smaller), drawn from the builder's generator."""
+    if size is not None and size < len(questions):
+        keep = rng.choice(len(questions), size=size, replace=False)
+        questions, answers = questions[keep], answers[keep]
+    return questions, answers
+
+
 def read_source_csv(path: str) -> Iterator[Tuple[int, str, str, str]]:
     """Rows of a CSV in the hub's Sudoku/Maze layout (header `source,question,answer,rating`, skipped) as
     (line number, question, answer, rating)."""
@@ -167,6 +191,41 @@ def read_source_csv(path: str) -> Iterator[Tuple[int, str, str, str]]:
                 yield reader.line_num, row[1], row[2], row[3]
     except (UnicodeDecodeError, csv.Error) as e:
         raise DatasetBuildError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def write_source_csv(path: str, rows: List[Tuple[str, str, int]]) -> None:
+    """(question, answer, rating) rows as a CSV in the hub's layout, which read_source_csv (--source-dir) reads."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["source", "question", "answer", "rating"])
+        writer.writerows(("generated", q, a, r) for q, a, r in rows)
+
+
+def parse_generator_args(doc: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                         argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The offline generators' command line: --output-dir, --num-train, --num-test, the generator's own flags
+    (`add_arguments`), --seed, --workers."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", required=True, help="new folder for train.csv and test.csv")
+    parser.add_argument("--num-train", type=int, required=True)
+    parser.add_argument("--num-test", type=int, required=True)
+    add_arguments(parser)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="processes (default: all cores); does not change the output")
+    return parser.parse_args(argv)
+
+
+def write_generated_csvs(args: argparse.Namespace, generate: Callable[[int], List[Tuple[str, str, int]]]) -> None:
+    """<output_dir>/train.csv and test.csv from generate(num_train + num_test) distinct rows: the first num_train
+    are the train split, so the splits share no row."""
+    if args.num_train < 0 or args.num_test < 0 or args.workers < 1:
+        raise DatasetBuildError("--num-train and --num-test must be >= 0 and --workers >= 1")
+    with atomic_output_dir(args.output_dir) as tmp:
+        rows = generate(args.num_train + args.num_test)
+        write_source_csv(os.path.join(tmp, "train.csv"), rows[: args.num_train])
+        write_source_csv(os.path.join(tmp, "test.csv"), rows[args.num_train :])
 
 
 def _run_chunk(job):

@@ -12,14 +12,12 @@ cells. Output depends only on the arguments and `--seed`, not on the number of w
 """
 
 import argparse
-import csv
 import functools
-import os
 from typing import List, Tuple
 
 import numpy as np
 
-from dataset.common import DatasetBuildError, atomic_output_dir, generate_in_chunks, run_cli
+from dataset.common import DatasetBuildError, generate_in_chunks, parse_generator_args, run_cli, write_generated_csvs
 
 
 def breadth_first(open_cells: List[bool], width: int, start: int) -> Tuple[List[int], List[int]]:
@@ -96,36 +94,23 @@ def _generate_chunk(rng: np.random.Generator, count: int, side: int, wall_densit
 def main(args: argparse.Namespace) -> None:
     if args.size < 2 or not 0 <= args.wall_density < 1 or not 0 <= args.min_path_length <= args.size ** 2 - 2:
         raise DatasetBuildError("need --size >= 2, 0 <= --wall-density < 1 and 0 <= --min-path-length <= size^2 - 2")
-    if args.num_train < 0 or args.num_test < 0 or args.workers < 1:
-        raise DatasetBuildError("--num-train and --num-test must be >= 0 and --workers >= 1")
     make_chunk = functools.partial(_generate_chunk, side=args.size, wall_density=args.wall_density,
                                    min_path_length=args.min_path_length)
-    with atomic_output_dir(args.output_dir) as tmp:
-        # Distinct questions, so train and test share no maze.
-        mazes = generate_in_chunks(make_chunk, args.num_train + args.num_test, args.seed, args.workers,
-                                   key=lambda maze: maze[0], desc="mazes")
-        for name, rows in (("train.csv", mazes[: args.num_train]), ("test.csv", mazes[args.num_train :])):
-            with open(os.path.join(tmp, name), "w", newline="") as f:
-                writer = csv.writer(f, lineterminator="\n")
-                writer.writerow(["source", "question", "answer", "rating"])
-                writer.writerows(("generated", q, a, r) for q, a, r in rows)
+    # Distinct questions, so train and test share no maze.
+    write_generated_csvs(args, lambda count: generate_in_chunks(make_chunk, count, args.seed, args.workers,
+                                                                key=lambda maze: maze[0], desc="mazes"))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True, help="new folder for train.csv and test.csv")
-    parser.add_argument("--num-train", type=int, required=True)
-    parser.add_argument("--num-test", type=int, required=True)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=30, help="side of the square grid")
     parser.add_argument("--min-path-length", type=int, default=0,
                         help="fewest path cells between S and G (the hub's hard 30x30 mazes: 108)")
     parser.add_argument("--wall-density", type=float, default=0.37,
                         help="probability of a wall per cell (the hub's mazes average 0.37)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
-                        help="processes (default: all cores); does not change the output")
-    return parser.parse_args(argv)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_generator_args(__doc__, _add_arguments, argv)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,12 @@ to reach and 60 is the limit. Output depends only on the arguments and `--seed`,
 """
 
 import argparse
-import csv
 import functools
-import os
 from typing import List, Optional, Tuple
 
 import numpy as np
 
-from dataset.common import DatasetBuildError, atomic_output_dir, generate_in_chunks, run_cli
+from dataset.common import DatasetBuildError, generate_in_chunks, parse_generator_args, run_cli, write_generated_csvs
 
 # A candidate set is a 9-bit mask: bit d-1 set <=> digit d possible.
 FULL = 0x1FF
@@ -204,34 +202,17 @@ def generate(num_puzzles: int, min_blanks: int, max_blanks: int, min_rating: int
                               desc="sudoku puzzles", progress=progress)
 
 
-def write_csv(path: str, puzzles: List[Tuple[str, str, int]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["source", "question", "answer", "rating"])
-        writer.writerows(("generated", q, a, r) for q, a, r in puzzles)
-
-
 def main(args: argparse.Namespace) -> None:
     max_blanks = args.min_blanks if args.max_blanks is None else args.max_blanks
     if not 0 <= args.min_blanks <= max_blanks <= MAX_BLANKS:
         raise DatasetBuildError(f"need 0 <= --min-blanks <= --max-blanks <= {MAX_BLANKS}, "
                                 f"got {args.min_blanks} and {max_blanks}")
-    if args.num_train < 0 or args.num_test < 0 or args.workers < 1:
-        raise DatasetBuildError("--num-train and --num-test must be >= 0 and --workers >= 1")
-    with atomic_output_dir(args.output_dir) as tmp:
-        puzzles = generate(args.num_train + args.num_test, args.min_blanks, max_blanks, args.min_rating,
-                           args.seed, args.workers)
-        # Solution grids are pairwise distinct, so train and test share no puzzle and no solution.
-        write_csv(os.path.join(tmp, "train.csv"), puzzles[: args.num_train])
-        write_csv(os.path.join(tmp, "test.csv"), puzzles[args.num_train :])
+    # Solution grids are pairwise distinct, so train and test share no puzzle and no solution.
+    write_generated_csvs(args, lambda count: generate(count, args.min_blanks, max_blanks, args.min_rating, args.seed,
+                                                      args.workers))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", required=True, help="new folder for train.csv and test.csv")
-    parser.add_argument("--num-train", type=int, required=True)
-    parser.add_argument("--num-test", type=int, required=True)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-blanks", type=int, required=True, help="fewest blank cells per puzzle")
     parser.add_argument("--max-blanks", type=int, default=None,
                         help=f"most blank cells (default: --min-blanks, at most {MAX_BLANKS}); each puzzle draws "
@@ -239,10 +220,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min-rating", type=int, default=0,
                         help="keep only puzzles whose solver search hits at least this many dead ends "
                              "(at 55 blanks about 40%% of puzzles rate 1 or more, 17%% rate 3 or more)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=os.cpu_count(),
-                        help="processes (default: all cores); does not change the output")
-    return parser.parse_args(argv)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_generator_args(__doc__, _add_arguments, argv)
 
 
 if __name__ == "__main__":

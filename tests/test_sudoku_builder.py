@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dataset import build_sudoku_dataset as builder
-from dataset.generate_sudoku import generate, write_csv
+from dataset.common import write_source_csv
+from dataset.generate_sudoku import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 12, 5
@@ -28,8 +29,8 @@ def source_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("sudoku_src")
     puzzles = generate(NUM_TRAIN + NUM_TEST, 35, 50, 0, seed=3, workers=1, progress=False)
     rerated = [(q, a, i % 4) for i, (q, a, _) in enumerate(puzzles)]
-    write_csv(str(root / "train.csv"), rerated[:NUM_TRAIN])
-    write_csv(str(root / "test.csv"), rerated[NUM_TRAIN:])
+    write_source_csv(str(root / "train.csv"), rerated[:NUM_TRAIN])
+    write_source_csv(str(root / "test.csv"), rerated[NUM_TRAIN:])
     return root
 
 

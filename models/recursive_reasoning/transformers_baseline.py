@@ -54,11 +54,10 @@ class BaselineInner(trm.TRMInner):
         self.register_start_state("H_init")
 
     def empty_carry(self, batch_size: int, device=None) -> BaselineCarry:
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return BaselineCarry(z_H=torch.zeros(shape, dtype=self.config.dtype, device=device))
+        return BaselineCarry(z_H=self.zero_state(batch_size, device))
 
     def reset_carry(self, reset: torch.Tensor, carry: BaselineCarry) -> BaselineCarry:
-        return BaselineCarry(z_H=torch.where(reset.view(-1, 1, 1), self.H_init, carry.z_H))
+        return BaselineCarry(z_H=self.restart(reset, self.H_init, carry.z_H))
 
     def recurse(self, carry: BaselineCarry, x: torch.Tensor, cos_sin: Optional[CosSin]) -> BaselineCarry:
         return BaselineCarry(z_H=self.H_level(carry.z_H, x, cos_sin))  # input added once, then the blocks

@@ -214,15 +214,23 @@ class TRMInner(nn.Module):
         self.register_start_state("L_init")
 
     # --- carry -------------------------------------------------------------------------------------------
+    def zero_state(self, batch_size: int, device=None, slots: Tuple[int, ...] = ()) -> torch.Tensor:
+        """[*slots, B, L+P, D] zeros: a state of a fresh carry. Its contents are unused: every row of a fresh
+        carry is halted, so it is reset before the first step."""
+        shape = (*slots, batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
+        return torch.zeros(shape, dtype=self.config.dtype, device=device)
+
+    @staticmethod
+    def restart(reset: torch.Tensor, start: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """`state` [B, L+P, D] with the rows where `reset` [B] is set replaced by the start state `start` [D]."""
+        return torch.where(reset.view(-1, 1, 1), start, state)
+
     def empty_carry(self, batch_size: int, device=None) -> InnerCarry:
-        # Contents unused: every row of a fresh carry is halted, so it is reset before the first step.
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return InnerCarry(z_H=torch.zeros(shape, dtype=self.config.dtype, device=device),
-                          z_L=torch.zeros(shape, dtype=self.config.dtype, device=device))
+        return InnerCarry(z_H=self.zero_state(batch_size, device), z_L=self.zero_state(batch_size, device))
 
     def reset_carry(self, reset: torch.Tensor, carry: InnerCarry) -> InnerCarry:
-        reset = reset.view(-1, 1, 1)  # [B, 1, 1]
-        return InnerCarry(z_H=torch.where(reset, self.H_init, carry.z_H), z_L=torch.where(reset, self.L_init, carry.z_L))
+        return InnerCarry(z_H=self.restart(reset, self.H_init, carry.z_H),
+                          z_L=self.restart(reset, self.L_init, carry.z_L))
 
     # --- forward -----------------------------------------------------------------------------------------
     def input_embeddings(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:

@@ -41,12 +41,11 @@ class Hier6Inner(trm.TRMInner):
         return torch.stack([getattr(self, f"L{i}_init") for i in range(1, NUM_SLOTS + 1)])  # [6, D]
 
     def empty_carry(self, batch_size: int, device=None) -> Hier6Carry:
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return Hier6Carry(z_H=torch.zeros(shape, dtype=self.config.dtype, device=device),
-                          z_L=torch.zeros((NUM_SLOTS, *shape), dtype=self.config.dtype, device=device))
+        return Hier6Carry(z_H=self.zero_state(batch_size, device),
+                          z_L=self.zero_state(batch_size, device, slots=(NUM_SLOTS,)))
 
     def reset_carry(self, reset: torch.Tensor, carry: Hier6Carry) -> Hier6Carry:
-        return Hier6Carry(z_H=torch.where(reset.view(-1, 1, 1), self.H_init, carry.z_H),
+        return Hier6Carry(z_H=self.restart(reset, self.H_init, carry.z_H),
                           z_L=torch.where(reset.view(1, -1, 1, 1), self.slot_inits()[:, None, None, :], carry.z_L))
 
     def h_cycle(self, carry: Hier6Carry, x: torch.Tensor, cos_sin: Optional[CosSin]) -> Hier6Carry:

@@ -23,11 +23,10 @@ class SingleZInner(trm.TRMInner):
         self.register_start_state("L_init")  # no H_init: there is no answer state to start
 
     def empty_carry(self, batch_size: int, device=None) -> SingleZCarry:
-        shape = (batch_size, self.config.seq_len + self.puzzle_emb_len, self.config.hidden_size)
-        return SingleZCarry(z_L=torch.zeros(shape, dtype=self.config.dtype, device=device))
+        return SingleZCarry(z_L=self.zero_state(batch_size, device))
 
     def reset_carry(self, reset: torch.Tensor, carry: SingleZCarry) -> SingleZCarry:
-        return SingleZCarry(z_L=torch.where(reset.view(-1, 1, 1), self.L_init, carry.z_L))
+        return SingleZCarry(z_L=self.restart(reset, self.L_init, carry.z_L))
 
     def h_cycle(self, carry: SingleZCarry, x: torch.Tensor, cos_sin: Optional[CosSin]) -> SingleZCarry:
         z_L = carry.z_L
