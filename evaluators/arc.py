@@ -65,6 +65,13 @@ Votes = Dict[str, Dict[str, List[Tuple[str, float]]]]
 
 class ARC:
     required_outputs = {"inputs", "puzzle_identifiers", "q_halt_logits", "preds"}
+    # The constructor's settings (keys of its evaluators=[...] entry), as `python pretrain.py --help` lists them.
+    CONFIG_HELP = {
+        "submission_K": "attempts per test input written to submission.json (the top-voted predictions)",
+        "pass_Ks": "the k of the logged ARC/pass@k metrics",
+        "aggregated_voting": "keep the votes of every evaluation of the run (an ensemble over the checkpoints "
+                             "evaluated so far); False: each evaluation votes over its own predictions",
+    }
 
     def __init__(
         self,

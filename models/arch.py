@@ -4,6 +4,7 @@ against the model class's config at start-up (ranges of the shared fields, unkno
 from typing import Dict, Optional, Tuple
 
 import pydantic
+from pydantic import Field
 
 from utils.errors import ConfigError, did_you_mean
 from utils.functions import load_model_class
@@ -11,7 +12,7 @@ from utils.functions import load_model_class
 
 class LossConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the loss head's constructor
-    name: str
+    name: str = Field(description="the loss head, `module@Class` under models/ (its other keys go to its constructor)")
 
 
 # Ranges of the model fields shared by the variants (name: (low, high, what)); a value outside fails at start.
@@ -27,8 +28,8 @@ ARCH_RANGES: Dict[str, Tuple[float, Optional[float], str]] = {
 
 class ArchConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")  # the model's own fields; checked by validate_arch
-    name: str
-    loss: LossConfig
+    name: str = Field(description="the model class, `module@Class` under models/ (set by the arch=<name> file)")
+    loss: LossConfig = Field(description="the loss head and its settings")
 
     @pydantic.model_validator(mode="after")
     def _check_ranges(self):

@@ -56,6 +56,9 @@ class ACTLossHead(nn.Module):
     at least one label; the trainer normalises them.
     """
 
+    # The constructor's settings (arch.loss.<key>), as `python pretrain.py --help` lists them.
+    CONFIG_HELP = {"loss_type": f"token cross entropy: {' or '.join(LOSS_FUNCTIONS)}"}
+
     def __init__(self, model: nn.Module, loss_type: str):
         super().__init__()
         if loss_type not in LOSS_FUNCTIONS:

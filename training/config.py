@@ -17,55 +17,84 @@ from utils.errors import ConfigError, did_you_mean
 
 class EvaluatorConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the evaluator's constructor
-    name: str
+    name: str = Field(description="the evaluator class, `module@Class` under evaluators/ (e.g. arc@ARC)")
 
 
+# Each key's `description` is what `python pretrain.py --help` prints (training/config_help.py), so the help cannot
+# drift from the keys. The defaults it shows are the yaml's; those below serve the keys the yaml leaves unset.
 class PretrainConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    arch: ArchConfig
-    data_paths: List[str]
-    data_paths_test: List[str] = []  # non-empty: used for the test split and the evaluators
-    evaluators: List[EvaluatorConfig] = []
+    arch: ArchConfig = Field(description="the model: arch=<name> picks config/arch/<name>.yaml, arch.<key>=... "
+                                         "sets one of its fields")
+    data_paths: List[str] = Field(description="dataset folders to train on, as the dataset builders write them")
+    data_paths_test: List[str] = Field([], description="dataset folders to evaluate on; empty: the test splits of "
+                                                       "data_paths")
+    evaluators: List[EvaluatorConfig] = Field(
+        [], description="run at each evaluation: [{name: module@Class under evaluators/, other keys go to its "
+                        "constructor}], e.g. [{name: arc@ARC, aggregated_voting: False}]; [] for none")
 
-    global_batch_size: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    lr: float = Field(ge=0)
-    lr_min_ratio: float = Field(ge=0, le=1)
-    lr_warmup_steps: float = Field(ge=0)
-    weight_decay: float = Field(ge=0)
-    beta1: float = Field(ge=0, lt=1)
-    beta2: float = Field(ge=0, lt=1)
-    puzzle_emb_lr: float = Field(ge=0)
-    puzzle_emb_weight_decay: float = Field(ge=0)
+    global_batch_size: int = Field(ge=1, description="rows per optimizer step over all processes (a multiple of "
+                                                     "their number)")
+    epochs: int = Field(ge=1, description="passes over the training puzzle groups; total_steps = epochs x groups x "
+                                          "mean examples per puzzle / global_batch_size")
+    lr: float = Field(ge=0, description="learning rate of the weights (AdamATan2) after warm-up")
+    lr_min_ratio: float = Field(ge=0, le=1, description="learning rate at the last step as a fraction of lr, by "
+                                                        "cosine decay (1.0: constant after warm-up)")
+    lr_warmup_steps: float = Field(ge=0, description="steps of linear warm-up from 0 to lr and puzzle_emb_lr")
+    weight_decay: float = Field(ge=0, description="weight decay of the weights (AdamATan2)")
+    beta1: float = Field(ge=0, lt=1, description="AdamATan2's decay of the gradient's running mean")
+    beta2: float = Field(ge=0, lt=1, description="AdamATan2's decay of the squared gradient's running mean")
+    puzzle_emb_lr: float = Field(ge=0, description="learning rate of the per-puzzle embedding table (sign-SGD)")
+    puzzle_emb_weight_decay: float = Field(ge=0, description="weight decay of the per-puzzle embedding table")
 
-    project_name: Optional[str] = None
-    run_name: Optional[str] = None
-    load_checkpoint: Optional[str] = None
-    checkpoint_path: Optional[str] = None
+    project_name: Optional[str] = Field(None, description="W&B project and checkpoints/ sub-folder; unset: <first "
+                                                          "data_paths folder, capitalised>-ACT-torch")
+    run_name: Optional[str] = Field(None, description="W&B run and checkpoint folder name; unset: <model class>-<two "
+                                                      "random words>")
+    load_checkpoint: Optional[str] = Field(None, description="weights to start from (a step_<N> file or "
+                                                             "hf://owner/repo[/file]) instead of an initialisation")
+    checkpoint_path: Optional[str] = Field(None, description="folder of the run's checkpoints, config and outputs; "
+                                                             "unset: checkpoints/<project_name>/<run_name>")
 
-    seed: int = Field(0, ge=0)
-    checkpoint_every_eval: bool = False
-    eval_interval: Optional[int] = Field(None, ge=1)
-    min_eval_interval: Optional[int] = Field(0, ge=0)  # in iterations
-    eval_save_outputs: List[str] = []
+    seed: int = Field(0, ge=0, description="seed of every random choice: initialisation (seed + rank), data order, "
+                                           "exploration")
+    checkpoint_every_eval: bool = Field(False, description="write the step_<N> weights at every evaluation (False: "
+                                                           "at the end only)")
+    eval_interval: Optional[int] = Field(None, ge=1, description="epochs between evaluations (must divide epochs); "
+                                                                 "unset: one evaluation, at the end")
+    min_eval_interval: Optional[int] = Field(0, ge=0, description="evaluations start at this iteration (one "
+                                                                  "iteration = eval_interval epochs)")
+    eval_save_outputs: List[str] = Field([], description="outputs saved at each evaluation to <checkpoint_path>/"
+                                                         "step_<N>_all_preds.<rank>, e.g. [inputs,labels,preds]")
 
-    ema: bool = False
-    ema_rate: float = Field(0.999, ge=0, le=1)
-    freeze_weights: bool = False
+    ema: bool = Field(False, description="keep an exponential moving average of the weights; evaluation and "
+                                         "step_<N> use it")
+    ema_rate: float = Field(0.999, ge=0, le=1, description="EMA decay per step: shadow = rate x shadow + (1 - rate) "
+                                                           "x weights")
+    freeze_weights: bool = Field(False, description="train only the puzzle embedding table, not the weights")
 
     # Additions to the reference (all optional, reference behaviour by default).
-    device: Optional[str] = None  # None: CUDA when available, else CPU
-    compile: bool = True  # torch.compile on CUDA (env DISABLE_COMPILE=1 also turns it off)
-    # torch.compile's mode for the training model (None: PyTorch's default); docs/performance.md measures them.
-    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = None
-    micro_batch_size: Optional[int] = Field(None, ge=1)  # per-rank rows per forward; gradients accumulate to global_batch_size
-    eval_early_exit: bool = False  # stop an eval batch once every row's halting head says halt
-    eval_compile: bool = True  # evaluate a torch.compile'd model on CUDA (compiled once per run); False: eager
-    resume: bool = False  # continue from the newest complete training-state checkpoint of this run
-    keep_last_checkpoints: int = Field(2, ge=1)  # training-state checkpoints kept on disk
-    checkpoint_every_steps: Optional[int] = Field(None, ge=1)  # also write a training-state checkpoint every N steps
-    metrics_jsonl: bool = False  # rank 0 also appends every logged metrics dict to <checkpoint_path>/metrics.jsonl
+    device: Optional[str] = Field(None, description="cpu or cuda; unset: CUDA when available, else CPU")
+    compile: bool = Field(True, description="torch.compile the training model on CUDA (env DISABLE_COMPILE=1 also "
+                                            "turns it off)")
+    compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        None, description="torch.compile's mode for the training model: default, reduce-overhead, max-autotune or "
+                          "max-autotune-no-cudagraphs (unset: PyTorch's default); docs/performance.md measures them")
+    micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward on each process; gradients "
+                                                                    "accumulate to global_batch_size (unset: all "
+                                                                    "rows in one forward)")
+    eval_early_exit: bool = Field(False, description="stop an evaluation batch once every row's halting head says halt")
+    eval_compile: bool = Field(True, description="evaluate a torch.compile'd model on CUDA (compiled once per run); "
+                                                 "False: eager")
+    resume: bool = Field(False, description="continue from the newest complete training state in checkpoint_path "
+                                            "(the same command with the same +run_name)")
+    keep_last_checkpoints: int = Field(2, ge=1, description="training-state checkpoints kept on disk (the newest)")
+    checkpoint_every_steps: Optional[int] = Field(None, ge=1, description="also write a training-state checkpoint "
+                                                                          "every N steps (one is always written "
+                                                                          "after every eval_interval epochs)")
+    metrics_jsonl: bool = Field(False, description="also append every logged metrics dict to <checkpoint_path>/"
+                                                   "metrics.jsonl (rank 0)")
 
     @pydantic.field_validator("run_name", "project_name")
     @classmethod
@@ -158,8 +187,17 @@ def _arch_yaml_fields(config_dir: str) -> List[str]:
 
 def check_command_line(config_file: str, argv: List[str]) -> None:
     """Compose and validate the command line's overrides before Hydra does, so that any config error is one
-    line (`error: ...`) with exit code 2 rather than Hydra's multi-line report. Hydra's own flags (--help,
-    --cfg, -m, ...) are left to Hydra."""
+    line (`error: ...`) with exit code 2 rather than Hydra's multi-line report. `--help` / `-h` print every key
+    (training/config_help.py) and exit; Hydra's own flags (--hydra-help, --cfg, -m, ...) are left to Hydra."""
+    from training import config_help
+
+    if any(arg in config_help.HELP_FLAGS for arg in argv):
+        try:
+            print(config_help.help_text(*config_help.split_help_args(argv, config_file)))
+        except ConfigError as e:
+            print_error(str(e))
+            sys.exit(2)
+        sys.exit(0)
     if any(arg.startswith("-") for arg in argv):
         return
     try:
@@ -173,6 +211,13 @@ def compose_config(config_file: str, overrides: List[str], fixed: Optional[dict]
     """Hydra-compose `config_file` (e.g. config/cfg_pretrain.yaml) with command-line style overrides, set the
     `fixed` keys (values that must not be parsed as override syntax, e.g. paths), then validate: what pretrain.py
     gets from @hydra.main, for scripts that have their own argument parser."""
+    raw = compose_raw(config_file, overrides)
+    raw.update(fixed or {})
+    return parse_config(raw)
+
+
+def compose_raw(config_file: str, overrides: List[str]) -> dict:
+    """The Hydra-composed config as a plain dict, not yet validated."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -186,9 +231,7 @@ def compose_config(config_file: str, overrides: List[str], fixed: Optional[dict]
             cfg = compose(config_name=os.path.splitext(os.path.basename(config_file))[0], overrides=overrides)
     except HydraException as e:
         raise ConfigError(f"override rejected: {explain_hydra_error(e, config_dir)}") from None
-    raw = OmegaConf.to_container(cfg, resolve=True)
-    raw.update(fixed or {})
-    return parse_config(raw)
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def parse_config(raw: dict) -> PretrainConfig:

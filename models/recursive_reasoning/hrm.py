@@ -11,15 +11,17 @@ exploration and the loss head are TRM's.
 from typing import Optional
 
 import torch
+from pydantic import Field
 
 from models.layers import CosSin
 from models.recursive_reasoning import trm
 
 
 class HRMConfig(trm.ACTModelConfig):
-    L_cycles: int
-    L_layers: int
-    mlp_t: bool = False
+    H_layers: int = Field(description="blocks of the high-level network H_level (one update per H cycle)")
+    L_cycles: int = Field(description="updates of the low-level network L_level per H cycle")
+    L_layers: int = Field(description="blocks of the low-level network L_level")
+    mlp_t: bool = Field(False, description="mix tokens with a SwiGLU over the sequence axis instead of attention")
 
     @property
     def no_ACT_continue(self) -> bool:

@@ -13,16 +13,19 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from models.layers import CosSin
 from models.recursive_reasoning import trm
 
 
 class BaselineConfig(trm.ACTModelConfig):
-    H_cycles: int  # unused: kept so the published configs validate
-    act_enabled: bool = True
-    act_inference: bool = False
+    H_cycles: int = Field(description="unused: kept so the published configs validate")
+    H_layers: int = Field(description="attention blocks, applied once per ACT step")
+    act_enabled: bool = Field(True, description="Q-head halting (q_halt > q_continue) and exploration in training; "
+                                                "False: every row runs halt_max_steps")
+    act_inference: bool = Field(False, description="evaluation rows halt on the same rule (outputs then include "
+                                                   "actual_steps)")
 
     @field_validator("pos_encodings")
     @classmethod

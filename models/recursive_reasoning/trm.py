@@ -13,7 +13,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from pydantic import BaseModel, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
 from dataset.common import IGNORE_LABEL_ID
@@ -28,30 +28,35 @@ class ACTModelConfig(BaseModel):
     """Fields every architecture of this family shares (TRM and the variants built on its parts)."""
 
     # Unknown keys (e.g. the `causal` that pretrain injects) are ignored, as the reference does.
-    batch_size: int  # per-rank batch; sizes the sparse puzzle-embedding buffer
-    seq_len: int
-    puzzle_emb_ndim: int = 0
-    num_puzzle_identifiers: int
-    vocab_size: int
+    # The descriptions are what `python pretrain.py --help` prints for arch.<field>.
+    # Set from the dataset and the batch by pretrain.py (models/arch.INJECTED_ARCH_FIELDS), not by the user:
+    batch_size: int = Field(description="per-process rows per forward; sizes the sparse puzzle-embedding buffer")
+    seq_len: int = Field(description="tokens per example, from the dataset")
+    num_puzzle_identifiers: int = Field(description="rows of the puzzle embedding table, from the dataset")
+    vocab_size: int = Field(description="token vocabulary size, from the dataset")
 
-    H_cycles: int
-    H_layers: int
+    puzzle_emb_ndim: int = Field(0, description="width of the per-puzzle embedding (0: no puzzle embedding)")
+    H_cycles: int = Field(description="H cycles per ACT step, each refining the answer state z_H from z_L "
+                                      "(only the last one with gradients)")
+    H_layers: int = Field(description="blocks of the high-level network")
 
-    hidden_size: int
-    expansion: float
-    num_heads: int
-    pos_encodings: str  # "rope", "learned", anything else = none
+    hidden_size: int = Field(description="model width")
+    expansion: float = Field(description="SwiGLU hidden width as a multiple of hidden_size")
+    num_heads: int = Field(description="attention heads (head width = hidden_size // num_heads)")
+    pos_encodings: str = Field(description="positions: rope, learned, or anything else for none")
 
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rms_norm_eps: float = Field(1e-5, description="epsilon of the RMS norms")
+    rope_theta: float = Field(10000.0, description="base of the rotary position frequencies")
 
-    halt_max_steps: int
-    halt_exploration_prob: float
+    halt_max_steps: int = Field(description="most ACT steps per puzzle (evaluation always runs this many)")
+    halt_exploration_prob: float = Field(description="probability that a training row must run a random 2.."
+                                                     "halt_max_steps steps before it may halt (ACT exploration)")
 
-    forward_dtype: str = "bfloat16"
+    forward_dtype: str = Field("bfloat16", description="dtype of the forward: bfloat16 or float32 (float32 on the CPU)")
     # Memory switch: keep only each block's input in the gradient cycle and recompute the rest in backward
     # (one more forward of that cycle, about +20% step time); the maths is unchanged.
-    recompute: bool = False
+    recompute: bool = Field(False, description="recompute the gradient cycle's activations in backward: much less "
+                                               "training memory for about +20% step time, same maths")
 
     @field_validator("forward_dtype")
     @classmethod
@@ -72,13 +77,16 @@ class ACTModelConfig(BaseModel):
 
 
 class TRMConfig(ACTModelConfig):
-    H_layers: int  # unused: TRM has a single network; kept so the published configs validate
-    L_cycles: int
-    L_layers: int
+    H_layers: int = Field(description="unused: TRM has a single network; kept so the published configs validate")
+    L_cycles: int = Field(description="refinements of the latent z_L per H cycle")
+    L_layers: int = Field(description="blocks of the one shared network")
 
-    mlp_t: bool = False  # mix tokens with a SwiGLU over the sequence axis instead of attention
-    puzzle_emb_len: int = 16  # positions reserved for the puzzle embedding; 0 -> ceil(ndim / hidden)
-    no_ACT_continue: bool = True  # halt on q_halt > 0 alone (no q_continue target)
+    mlp_t: bool = Field(False, description="mix tokens with a SwiGLU over the sequence axis (TRM-MLP) instead of "
+                                           "attention")
+    puzzle_emb_len: int = Field(16, description="sequence positions reserved for the puzzle embedding (0: "
+                                                "ceil(puzzle_emb_ndim / hidden_size))")
+    no_ACT_continue: bool = Field(True, description="halt on q_halt > 0 alone (False: also learn a q_continue "
+                                                    "target, one more inner pass per training step)")
 
     @model_validator(mode="after")
     def _consistent_prefix(self):
