@@ -6,7 +6,7 @@ the same weights; prints the max abs difference of loss, logits, gradients, Adam
 import json, os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
-from tests.test_model_math import make_batch
+from tests.trm_small import make_batch
 from tests.test_perf_paths import loss_head, one_train_step
 out = {}
 for name, variant in (("attention", {}), ("mlp_t", {"mlp_t": True, "pos_encodings": "none"})):

@@ -8,7 +8,7 @@ import torch
 from models.losses import IGNORE_LABEL_ID, ACTLossHead
 from models.optimizers import AdamATan2
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
-from tests.test_model_math import make_batch, small_config
+from tests.trm_small import make_batch, small_config
 
 
 def loss_head(**overrides):
