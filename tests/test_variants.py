@@ -13,7 +13,8 @@ from models.common import strip_wrapper_prefixes
 from models.losses import ACTLossHead
 from utils.functions import load_model_class
 
-from test_golden_fixtures import EXACT_METRICS, OUTPUT_KEYS, _CompiledLike, assert_metrics, assert_rel_close
+from tests.golden import (OUTPUT_KEYS, check_eval_steps, check_prefixed_and_stripped_agree, check_train_steps,
+                          load_trace, load_weights)
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "variants")
 with open(os.path.join(FIXTURES, "variants.json")) as f:
@@ -26,18 +27,12 @@ def build(spec, **arch):
 
 
 def load(name):
-    spec = SPECS[name]
-    state = torch.load(os.path.join(FIXTURES, f"{name}.step_0"), weights_only=True, map_location="cpu")
-    trace = torch.load(os.path.join(FIXTURES, f"{name}.trace.pt"), weights_only=True, map_location="cpu")
-    return spec, state, trace
+    return (SPECS[name], *load_trace(FIXTURES, name))
 
 
 def load_model(name, **arch):
     spec, state, trace = load(name)
-    assert all(k.startswith("_orig_mod.model.inner.") for k in state)  # saved from a compiled model
-    model = build(spec, **arch)
-    model.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
-    return model, trace
+    return load_weights(build(spec, **arch), state), trace
 
 
 def test_all_four_variants_have_fixtures():
@@ -57,48 +52,14 @@ def test_state_dict_layout_equals_reference(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_eval_steps_match_reference(name):
     model, trace = load_model(name)
-    batch = trace["batch"]
-    model.eval()
-    with torch.inference_mode():
-        carry = model.initial_carry(batch)
-        for i, ref in enumerate(trace["eval_steps"]):
-            carry, loss, metrics, outputs, all_halted = model(return_keys=OUTPUT_KEYS, carry=carry, batch=batch)
-            what = f"{name} eval step {i}"
-            assert_rel_close(outputs["logits"], ref["logits"], 1e-5, what + " logits")
-            assert torch.equal(outputs["preds"], ref["preds"]), what + " preds"
-            assert_rel_close(outputs["q_halt_logits"], ref["q_halt_logits"], 1e-5, what + " q_halt")
-            assert_rel_close(outputs["q_continue_logits"], ref["q_continue_logits"], 1e-5, what + " q_continue")
-            assert_rel_close(loss, ref["loss"], 1e-4, what + " loss")
-            assert_metrics(metrics, ref, what)
-            assert bool(all_halted) == (i == len(trace["eval_steps"]) - 1)
+    check_eval_steps(model, trace, name)
 
 
 @pytest.mark.parametrize("recompute", [False, True])  # the memory switch must not change the maths
 @pytest.mark.parametrize("name", NAMES)
 def test_train_steps_match_reference(name, recompute):
     model, trace = load_model(name, recompute=recompute)
-    batch_size = trace["batch"]["inputs"].shape[0]
-    local_weights = model.model.inner.puzzle_emb.local_weights
-    params = dict(model.named_parameters())
-    model.train()
-    carry = model.initial_carry(trace["batch"])
-    for i, ref in enumerate(trace["train_steps"]):
-        model.zero_grad()  # parameters only: the puzzle rows' grad accumulates, as when the trace was made
-        carry, loss, metrics, _, _ = model(return_keys=[], carry=carry, batch=trace["batch"])
-        (loss / batch_size).backward()
-
-        what = f"{name} train step {i}"
-        assert torch.equal(carry.halted, ref["halted"]), what + " halted"
-        assert torch.equal(carry.steps, ref["steps"]), what + " steps"
-        assert_rel_close(loss.detach(), ref["loss"], 1e-4, what + " loss")
-        assert_metrics(metrics, ref, what)  # same key set: q_continue_loss for HRM only
-
-        grad_keys = [k for k in ref if k.startswith("grad/")]
-        assert {k.removeprefix("grad/") for k in grad_keys} == set(params) | {"model.inner.puzzle_emb.local_weights"}
-        for k in grad_keys:
-            pname = k.removeprefix("grad/")
-            grad = local_weights.grad if pname == "model.inner.puzzle_emb.local_weights" else params[pname].grad
-            assert_rel_close(grad, ref[k], 1e-4, f"{what} {k}")
+    check_train_steps(model, trace, name)
 
 
 def test_only_hrm_trains_the_continue_head():
@@ -121,23 +82,7 @@ def test_traces_continue_from_the_carry():
 @pytest.mark.parametrize("name", NAMES)
 def test_prefixed_and_stripped_checkpoints_give_identical_outputs(name):
     spec, state, trace = load(name)
-    stripped = build(spec)
-    stripped.load_state_dict({strip_wrapper_prefixes(k): v for k, v in state.items()}, strict=True)
-    prefixed = _CompiledLike(build(spec))
-    prefixed.load_state_dict(state, strict=True)  # keys exactly as saved
-
-    batch = trace["batch"]
-    results = []
-    for model in (stripped, prefixed):
-        model.eval()
-        with torch.inference_mode():
-            carry = stripped.initial_carry(batch)
-            carry, loss, _, outputs, _ = model(return_keys=OUTPUT_KEYS, carry=carry, batch=batch)
-        results.append((loss, outputs))
-    (loss_a, out_a), (loss_b, out_b) = results
-    assert torch.equal(loss_a, loss_b)
-    for k in OUTPUT_KEYS:
-        assert torch.equal(out_a[k], out_b[k]), k
+    check_prefixed_and_stripped_agree(lambda: build(spec), state, trace)
 
 
 ARCH_CLASSES = {
