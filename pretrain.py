@@ -24,7 +24,6 @@ from typing import Any, List, Optional
 import coolname
 import hydra
 import torch
-import tqdm
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,7 +33,7 @@ from models.ema import EMAHelper
 from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
-from training import train_state, wandb_logging
+from training import progress, train_state, wandb_logging
 from training.checkpoint import CheckpointError, save_model_state, unwrap
 from training.config import (PretrainConfig, check_batch_divides, check_command_line, check_data_paths, one_line,
                              parse_config, print_error, shell_safe)
@@ -62,6 +61,7 @@ class TrainState:
     eval_compiled: Optional[torch.nn.Module] = None  # compiled wrapper of an eager evaluation model (made once)
     passes_done: int = 0  # loader position (PuzzleDataset.set_resume_position): train passes completed,
     batches_done: int = 0  # and batches of the next pass consumed
+    halted_rows: int = 0  # rows (all ranks) whose puzzle halted in the last step, known on rank 0: the bar's weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,6 +196,7 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
     if not dist_info.is_main:
         return None
     values = dict(zip(metric_keys, metric_sums.cpu().tolist()))
+    state.halted_rows = int(values["count"])
     count = max(values["count"], 1)
     out = {f"train/{k}": v / (global_batch_size if k.endswith("loss") else count) for k, v in values.items()}
     out["train/lr"] = lr  # the last optimizer's, i.e. AdamATan2's when both exist
@@ -269,14 +270,15 @@ def run(hydra_config: DictConfig) -> None:
         sys.exit(2)
 
     total_iters = config.epochs // (config.eval_interval or config.epochs)
+    sets = train_metadata.sets
     bar = None
     if dist_info.is_main:
-        bar = tqdm.tqdm(total=state.total_steps, initial=min(state.step, state.total_steps), desc="train", unit="step")
+        bar = progress.TrainProgress(progress.steps_to_run(train_loader.dataset, total_iters * len(sets),
+                                                           state.total_steps), initial=state.step)
         save_code_and_config(config)
         wandb_logging.init(config, num_params=sum(p.numel() for p in state.model.parameters()))
 
     stop = train_state.StopRequest()  # SIGTERM/SIGINT: save at the next step boundary, then exit
-    sets = train_metadata.sets
     for iter_id in range(state.passes_done // len(sets), total_iters):  # a resumed run continues its iteration
         for set_name, batch, global_batch_size in train_loader:
             if state.step >= state.total_steps:
@@ -290,8 +292,7 @@ def run(hydra_config: DictConfig) -> None:
                 state.ema.update(state.model)
             if dist_info.is_main and metrics is not None:
                 wandb_logging.log(metrics, step=state.step)
-                bar.update()
-                bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}", acc=f"{metrics['train/accuracy']:.3f}")
+                bar.update(metrics, state.halted_rows)
 
             signum = stop.agreed(dist_info)
             if signum or (config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0):
@@ -310,7 +311,8 @@ def run(hydra_config: DictConfig) -> None:
                                    save_outputs=config.eval_save_outputs, early_exit=config.eval_early_exit,
                                    progress=True)
                 if dist_info.is_main and metrics is not None:
-                    bar.write(f"step {state.step} eval: {metrics}")
+                    for line in progress.format_eval(state.step, metrics):
+                        bar.write(line)
                     wandb_logging.log(metrics, step=state.step)
             if dist_info.is_main and (config.checkpoint_every_eval or last_iter):
                 weights_file = os.path.join(config.checkpoint_path, f"step_{state.step}")

@@ -151,6 +151,19 @@ def _sample_pass(data: Dict[str, np.ndarray], group_order: np.ndarray, global_ba
         yield np.concatenate(rows), np.concatenate(puzzles)
 
 
+def _count_batches(group_sizes: np.ndarray, global_batch_size: int) -> int:
+    """Full batches that `_sample_pass` packs from groups of these example counts, visited in this order."""
+    ends = np.cumsum(group_sizes)  # rows used once each group is in (before the truncation of an overflow)
+    batches, used = 0, 0
+    while True:
+        # The batch starting after `used` rows is completed by the first group whose end reaches used + G; that
+        # group's surplus rows are dropped, so the next batch starts at its end.
+        last = np.searchsorted(ends, used + global_batch_size, side="left")
+        if last == ends.size:
+            return batches
+        batches, used = batches + 1, ends[last]
+
+
 class PuzzleDataset(IterableDataset):
     """Iterable over `(set_name, batch, effective_global_batch)`.
 
@@ -211,6 +224,27 @@ class PuzzleDataset(IterableDataset):
             raise ValueError(f"resume position must be non-negative, got passes_done={passes_done}, "
                              f"batches_done={batches_done}")
         self._passes_done, self._batches_done = passes_done, batches_done
+
+    def batches_in_pass(self, pass_number: int) -> int:
+        """Number of batches train pass `pass_number` (1-based) yields (the trainer's progress bar counts the steps
+        a run takes with it); it varies from pass to pass when puzzles hold several examples, because of the rows
+        dropped at batch boundaries. Fast when all puzzles of a group have the same number of examples (every
+        builder's output); otherwise it replays the pass's sampling."""
+        if self.config.test_set_mode:
+            raise ValueError("batches_in_pass applies to train mode")
+        if pass_number < 1:
+            raise ValueError(f"pass numbers start at 1, got {pass_number}")
+        set_name = self.metadata.sets[(pass_number - 1) % len(self.metadata.sets)]
+        data = self._load()[set_name]
+        puzzle_rng, example_rng = self._pass_generators(pass_number)
+        group_order = _group_order(puzzle_rng, data["group_indices"].size - 1, self.config.epochs_per_iter)
+
+        puzzle_sizes = np.diff(data["puzzle_indices"])
+        group_starts = data["group_indices"][:-1]
+        if np.array_equal(puzzle_sizes, np.repeat(puzzle_sizes[group_starts], np.diff(data["group_indices"]))):
+            # Which puzzle a group contributes does not change its example count: the group order decides.
+            return _count_batches(puzzle_sizes[group_starts][group_order], self.config.global_batch_size)
+        return sum(1 for _ in _sample_pass(data, group_order, self.config.global_batch_size, puzzle_rng, example_rng))
 
     def __iter__(self) -> Iterator[Tuple[str, Batch, int]]:
         worker = get_worker_info()

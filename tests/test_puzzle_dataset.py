@@ -273,6 +273,16 @@ def test_mismatched_metadata_is_refused(tmp_path):
         PuzzleDataset(make_config([tmp_path / "a", tmp_path / "b"]))
 
 
+@pytest.mark.parametrize("groups", [UNIFORM, VARYING])
+@pytest.mark.parametrize("epochs", [1, 4])
+def test_batches_in_pass_counts_the_batches(tmp_path, groups, epochs):
+    write_dataset(tmp_path / "a", groups)
+    write_dataset(tmp_path / "b", VARYING)
+    config = make_config([tmp_path / "a", tmp_path / "b"], G=5, epochs=epochs)
+    counts = [PuzzleDataset(config).batches_in_pass(p) for p in range(1, 7)]  # before iterating: no worker state
+    assert counts == batches_per_pass(config, rounds=3)
+
+
 @pytest.mark.parametrize("passes_done, batches_done", [(0, 2), (1, 0), (1, 3), (2, 1), (3, 2)])
 def test_resume_continues_exactly(tmp_path, passes_done, batches_done):
     """A run stopped after `passes_done` passes and `batches_done` more batches; a fresh dataset resumed there
@@ -366,3 +376,5 @@ def test_misuse_is_refused(tmp_path):
     test_dataset = PuzzleDataset(make_config([tmp_path], test=True), "test")
     with pytest.raises(ValueError, match="applies to train mode"):
         test_dataset.set_resume_position(1, 0)
+    with pytest.raises(ValueError, match="applies to train mode"):
+        test_dataset.batches_in_pass(1)
