@@ -315,7 +315,7 @@ def load_model_from_checkpoint(checkpoint: str, *, dataset_metadata: Optional[Pu
                                resize_puzzle_table: bool = False, verbose: bool = True) -> LoadedModel:
     """Build the loss head + model that `checkpoint` was trained as and load its weights.
 
-    checkpoint: a step_<N> file or hf://owner/repo[/file].
+    checkpoint: a step_<N> file, a run folder (its highest step_<N>) or hf://owner/repo[/file].
     dataset_metadata: the dataset to run on (its vocab_size, seq_len, num_puzzle_identifiers); None: taken from
         the checkpoint's saved config, else read from the weights.
     overrides: Hydra-style overrides (e.g. ["arch.L_cycles=4", "arch=trm_mlp"]); they win over the saved config.
@@ -327,7 +327,7 @@ def load_model_from_checkpoint(checkpoint: str, *, dataset_metadata: Optional[Pu
     Returns a LoadedModel (.model in eval mode, .config, .metadata, .checkpoint_file, .arch_source, .assumed).
     Raises CheckpointError / ConfigError / FileNotFoundError with one-line messages."""
     device = torch.device(device)
-    checkpoint_file = resolve_checkpoint(checkpoint)
+    checkpoint_file = resolve_checkpoint(checkpoint, verbose)
     state_dict = read_state_dict(checkpoint_file)
     facts = read_weight_facts(state_dict, checkpoint_file)
     if config is None:

@@ -44,10 +44,12 @@ $PY scripts/run_eval_only.py --config config/cfg_quickstart.yaml --checkpoint "$
     --outdir "$RUN_DIR/eval" --global-batch-size 500 arch.halt_max_steps=16 | grep -v "^Run metrics"
 $PY - "$RUN_DIR/eval/eval_report.json" "$BLANKS" "$checkpoint" <<'PYEOF'
 import json, sys
+from utils.stats import format_wilson_line  # the runner's own line, so the result is stated one way
 report = json.load(open(sys.argv[1]))
 ci = report["wilson_95"]["all.exact_accuracy"]
-print(f"Quick start: exact accuracy {100 * ci['p']:.1f}% (95% CI {100 * ci['lo']:.1f}-{100 * ci['hi']:.1f}%) on "
-      f"{ci['n']} held-out Sudoku puzzles with {sys.argv[2]} blanks; checkpoint {sys.argv[3]}, outputs in {sys.argv[1].rsplit('/', 1)[0]}")
+line = format_wilson_line("all.exact_accuracy", ci["p"], ci["lo"], ci["hi"], ci["n"]).strip()
+print(f"Quick start: {line}: held-out Sudoku puzzles with {sys.argv[2]} blanks solved exactly; "
+      f"checkpoint {sys.argv[3]}, outputs in {sys.argv[1].rsplit('/', 1)[0]}")
 PYEOF
 cat <<EOF
 See what the model predicted after each ACT step (8 recorded puzzles, $RUN_DIR/eval/visualizer.json):

@@ -35,14 +35,15 @@ from utils.atomic import atomic_write_text  # noqa: E402
 from utils.errors import ConfigError  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
 from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
-from utils.stats import format_wilson_lines, wilson_interval  # noqa: E402
+from utils.stats import format_wilson_line, wilson_interval  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml"),
                    help="Hydra config file (default: config/cfg_pretrain.yaml)")
-    p.add_argument("--checkpoint", required=True, help="step_<N> file, or hf://owner/repo[/file] on the Hugging Face hub")
+    p.add_argument("--checkpoint", required=True, help="step_<N> file, a training run's folder (its highest step_<N>), or "
+                                                      "hf://owner/repo[/file] on the Hugging Face hub")
     p.add_argument("--dataset", required=True, help="dataset folder with test/ (as the builders write it)")
     p.add_argument("--outdir", default=os.path.join("checkpoints", "eval_run"), help="where outputs and the report go")
     p.add_argument("--eval-save-outputs", nargs="*", default=["inputs", "labels", "puzzle_identifiers", "preds"],
@@ -153,7 +154,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         eval_loader, eval_metadata = create_dataloader(PuzzleDatasetConfig(
             seed=config.seed, dataset_paths=[args.dataset], global_batch_size=config.global_batch_size,
             test_set_mode=True, epochs_per_iter=1, rank=dist_info.rank, num_replicas=dist_info.world_size), split="test")
-        checkpoint_path = resolve_checkpoint(args.checkpoint)  # every rank: nodes need not share a hub cache
+        # Every rank: nodes need not share a hub cache.
+        checkpoint_path = resolve_checkpoint(args.checkpoint, verbose=dist_info.is_main)
         torch.manual_seed(config.seed + dist_info.rank)
         loaded = load_model_from_checkpoint(checkpoint_path, dataset_metadata=eval_metadata,
                                             overrides=runner_overrides(args), device=dist_info.device,
@@ -199,7 +201,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("Run metrics:", metrics)
         intervals = wilson_report(metrics, counts)
         for name, ci in intervals.items():
-            print("\n".join(format_wilson_lines(name, ci["lo"], ci["hi"], ci["n"])))
+            print(format_wilson_line(name, ci["p"], ci["lo"], ci["hi"], ci["n"]))
         report = {
             "checkpoint": args.checkpoint, "checkpoint_file": checkpoint_path, "dataset": args.dataset,
             "arch": {**config.arch.model_dump(), "forward_dtype": unwrap(model).model.config.forward_dtype},

@@ -27,7 +27,8 @@ from utils.hub import HubUnreachableError  # noqa: E402
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", required=True, help="step_<N> file, or hf://owner/repo[/file]")
+    p.add_argument("--checkpoint", required=True, help="step_<N> file, a run folder (its highest step_<N>), "
+                                                      "or hf://owner/repo[/file]")
     p.add_argument("--dataset", required=True, help="the dataset the checkpoint belongs to (its test/ metadata and "
                                                      "identifiers.json fix the task and the puzzle table)")
     p.add_argument("--outputs", default=None, help="a scripts/run_eval_only.py --outdir for GET /predict")

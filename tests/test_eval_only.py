@@ -236,7 +236,10 @@ def test_report_matches_direct_computation(sudoku, copy_model, copy_checkpoint, 
         assert ci["n"] == n and ci["p"] == metrics[name]
         lo, hi = wilson(metrics[name], n)
         assert (ci["lo"], ci["hi"]) == pytest.approx((lo, hi), abs=1e-4)  # z 1.96 vs 1.959964
-        assert f"  all.{name} 95% Wilson CI [{100 * ci['lo']:.2f}%, {100 * ci['hi']:.2f}%] (N={n})" in stdout
+        # One way of stating it: the measured value, then its interval and N (no midpoint that reads as a value).
+        assert (f"  all.{name} {100 * metrics[name]:.2f}% (95% Wilson CI [{100 * ci['lo']:.2f}%, "
+                f"{100 * ci['hi']:.2f}%], N={n})") in stdout.splitlines()
+    assert "approx" not in stdout and "±" not in stdout
 
     assert report["checkpoint"] == copy_checkpoint and report["dataset"] == sudoku
     assert report["world_size"] == 1 and report["global_batch_size"] == G
@@ -255,6 +258,46 @@ def test_checkpoint_without_prefix_loads_identically(sudoku, copy_model, baselin
     a = torch.load(os.path.join(baseline[0], "step_0_all_preds.0"), weights_only=True)
     b = torch.load(tmp_path / "out" / "step_0_all_preds.0", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_folder_evaluates_its_highest_step(sudoku, copy_checkpoint, baseline, tmp_path, capsys):
+    # A training run's folder: step_<N> files beside their descriptions, predictions and training states.
+    run = tmp_path / "run"
+    (run / "train_state" / "step_100").mkdir(parents=True)
+    shutil.copy(copy_checkpoint, run / "step_100")
+    shutil.copy(save_reference_format(tiny_model(load_metadata(sudoku, "test"), seed=5), tmp_path / "other"),
+                run / "step_9")  # lexically after step_100, an earlier step
+    (run / "step_100_all_preds.0").write_bytes(b"not weights")
+    rc, out, err = run_in_process(["--checkpoint", run, "--dataset", sudoku, "--outdir", tmp_path / "out",
+                                   "--global-batch-size", G, *OVERRIDES], capsys)
+    assert rc == 0, out + err
+    assert f"Checkpoint: {run / 'step_100'} (the highest step of 2 in {run})" in out.splitlines()
+    report = read_report(tmp_path / "out")
+    assert report["checkpoint_file"] == str(run / "step_100")
+    assert report["metrics"] == read_report(baseline[0])["metrics"]
+
+    (tmp_path / "empty_run" / "train_state").mkdir(parents=True)
+    rc, out, err = run_in_process(["--checkpoint", tmp_path / "empty_run", "--dataset", sudoku, "--outdir",
+                                   tmp_path / "out2", *OVERRIDES], capsys)
+    assert_refused(rc, err, "holds no step_<N> weights file (it holds: train_state)", "pass a step_<N> file")
+
+
+def test_quick_start_states_the_result_as_the_runner_does(tmp_path):
+    """scripts/quickstart.sh's last line gives the runner's line for all.exact_accuracy, unchanged."""
+    with open(os.path.join(REPO, "scripts", "quickstart.sh")) as f:
+        script = f.read()
+    summary = script.split("<<'PYEOF'\n", 1)[1].split("\nPYEOF", 1)[0]
+    ci = {"p": 0.858, "n": 1000, "lo": 0.8349, "hi": 0.8783}
+    report = tmp_path / "eval_report.json"
+    report.write_text(json.dumps({"wilson_95": {"all.exact_accuracy": ci}}))
+    result = subprocess.run([sys.executable, "-", str(report), "45", "checkpoints/quickstart/step_1950"],
+                            input=summary, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    from utils.stats import format_wilson_line
+    runner_line = format_wilson_line("all.exact_accuracy", ci["p"], ci["lo"], ci["hi"], ci["n"]).strip()
+    assert runner_line == "all.exact_accuracy 85.80% (95% Wilson CI [83.49%, 87.83%], N=1000)"
+    assert result.stdout.startswith(f"Quick start: {runner_line}"), result.stdout
+    assert result.stdout.count("%") == runner_line.count("%")  # no second figure for the same result
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -95,6 +95,31 @@ def test_local_paths(tmp_path):
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_resolves_to_its_highest_step(tmp_path, capsys):
+    # What pretrain.py writes into a run folder: weights, their descriptions, predictions, training states.
+    for name in ("step_9", "step_100", "step_100.config.yaml", "step_100_all_preds.0", "step_1000.config.yaml",
+                 "all_config.yaml"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "train_state" / "step_2000").mkdir(parents=True)
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "step_100")  # by step number, not by name
+    assert capsys.readouterr().out == f"Checkpoint: {tmp_path / 'step_100'} (the highest step of 2 in {tmp_path})\n"
+    assert resolve_checkpoint(str(tmp_path), verbose=False) == str(tmp_path / "step_100")
+    assert capsys.readouterr().out == ""
+
+
+def test_a_folder_without_weights_is_refused_in_one_line(tmp_path):
+    (tmp_path / "step_5.config.yaml").write_bytes(b"x")
+    (tmp_path / "train_state").mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_checkpoint(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"checkpoint folder {tmp_path} holds no step_<N> weights file (it holds: step_5.config.yaml, train_state)" \
+        in message and "pass a step_<N> file" in message
+    with pytest.raises(FileNotFoundError, match="it is empty"):
+        resolve_checkpoint(str(tmp_path / "train_state"))
+
+
 @pytest.mark.parametrize("spec", ["hf://", "hf://owner", "hf://owner/", "hf:///repo"])
 def test_malformed_hf_spec(spec):
     with pytest.raises(ValueError, match="must look like hf://owner/repo"):

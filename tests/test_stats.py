@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from utils.stats import format_wilson_lines, wilson_interval, z_for_confidence
+from utils.stats import format_wilson_line, wilson_interval, z_for_confidence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,16 +39,14 @@ def test_z_rejects_levels_outside_0_1(confidence):
         z_for_confidence(confidence)
 
 
-def test_runner_lines():
-    # p 0.5, n 100: [40.38%, 59.62%], mid 50.00, half 9.62
-    assert format_wilson_lines("all.exact_accuracy", *wilson_interval(0.5, 100), 100) == [
-        "  all.exact_accuracy 95% Wilson CI [40.38%, 59.62%] (N=100)",
-        "    -> approx: 50.00 ± 9.62 %",
-    ]
-    assert format_wilson_lines("ARC/example_pass@2", 0.1, 0.3, 7, confidence=0.9) == [
-        "  ARC/example_pass@2 90% Wilson CI [10.00%, 30.00%] (N=7)",
-        "    -> approx: 20.00 ± 10.00 %",
-    ]
+def test_runner_line_states_the_measured_value_once():
+    # p 0.5, n 100: [40.38%, 59.62%]; p 0.0, n 32: [0.00%, 10.72%] (its midpoint 5.36% is not what was measured)
+    assert format_wilson_line("all.exact_accuracy", 0.5, *wilson_interval(0.5, 100), 100) == \
+        "  all.exact_accuracy 50.00% (95% Wilson CI [40.38%, 59.62%], N=100)"
+    assert format_wilson_line("all.exact_accuracy", 0.0, *wilson_interval(0.0, 32), 32) == \
+        "  all.exact_accuracy 0.00% (95% Wilson CI [0.00%, 10.72%], N=32)"
+    assert format_wilson_line("ARC/example_pass@2", 0.2, 0.1, 0.3, 7, confidence=0.9) == \
+        "  ARC/example_pass@2 20.00% (90% Wilson CI [10.00%, 30.00%], N=7)"
 
 
 def run_cli(*args):

@@ -1,5 +1,6 @@
-"""Resolve a `--checkpoint` spec to a local file: a local path as given, or `hf://owner/repo[/path/in/repo]`
-downloaded through huggingface_hub into the usual Hugging Face cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE).
+"""Resolve a `--checkpoint` spec to a local file: a local file as given, a local folder's newest `step_<N>` file
+(a training run's checkpoint folder), or `hf://owner/repo[/path/in/repo]` downloaded through huggingface_hub into
+the usual Hugging Face cache (HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE).
 
 Published checkpoints: hf://alphaXiv/trm-model-maze, hf://alphaXiv/trm-model-sudoku, hf://alphaXiv/trm-model-arc-agi-1.
 Without a file name the repo's checkpoint is the file named `step_*` (the highest step if there are several).
@@ -8,7 +9,7 @@ Without a file name the repo's checkpoint is the file named `step_*` (the highes
 import importlib
 import os
 import re
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
@@ -48,10 +49,13 @@ def _connection_errors() -> Tuple[type, ...]:
 UNREACHABLE_ERRORS = (LocalEntryNotFoundError, *_connection_errors())
 
 
-def resolve_checkpoint(spec: str) -> str:
-    """Local file path for a checkpoint spec: a local path (returned unchanged), `hf://owner/repo` (the repo's
-    `step_*` file) or `hf://owner/repo/path/in/repo`. Hub files land in, and are served from, the HF cache."""
+def resolve_checkpoint(spec: str, verbose: bool = True) -> str:
+    """Local file path for a checkpoint spec: a local file (returned unchanged), a local folder (its `step_*` file
+    with the highest step; `verbose`: printed), `hf://owner/repo` (the repo's `step_*` file) or
+    `hf://owner/repo/path/in/repo`. Hub files land in, and are served from, the HF cache."""
     if not spec.startswith(HF_PREFIX):
+        if os.path.isdir(spec):
+            return _newest_in_folder(spec, verbose)
         if not os.path.exists(spec):
             raise FileNotFoundError(f"checkpoint {spec} does not exist (hub checkpoints are given as hf://owner/repo)")
         return spec
@@ -95,17 +99,46 @@ def _list_repo_files(repo_id: str) -> Iterable[str]:
     return HfApi().list_repo_files(repo_id)
 
 
+def _step_files(paths: Iterable[str]) -> Dict[str, int]:
+    """The weights files among `paths` (named `step_*`), with their step (-1 for a name without a number)."""
+    candidates = {}
+    for path in paths:
+        name = os.path.basename(path)
+        match = STEP_FILE.match(name)
+        # Not a checkpoint's description (.config.yaml) or the predictions saved at its evaluation (_all_preds).
+        if match and not name.endswith(".config.yaml") and "_all_preds" not in name:
+            candidates[path] = int(match.group(1)) if match.group(1) else -1
+    return candidates
+
+
+def _newest_in_folder(folder: str, verbose: bool) -> str:
+    """The folder's `step_*` weights file with the highest step (a run folder's latest checkpoint)."""
+    names = sorted(os.listdir(folder))
+    candidates = _step_files(n for n in names if os.path.isfile(os.path.join(folder, n)))
+    if not candidates:
+        shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+        raise FileNotFoundError(f"checkpoint folder {folder} holds no step_<N> weights file "
+                                f"({'it holds: ' + shown if names else 'it is empty'}); pass a step_<N> file, or the "
+                                f"folder a training run wrote them to (checkpoints/<project>/<run>)")
+    path = os.path.join(folder, _newest(folder, candidates))
+    if verbose:
+        among = f"the highest step of {len(candidates)}" if len(candidates) > 1 else "the only one"
+        print(f"Checkpoint: {path} ({among} in {folder})")
+    return path
+
+
 def _pick_step_file(spec: str, files: Iterable[str]) -> str:
     """The file named `step_*`; with several, the highest step (a name without a step number ranks lowest)."""
-    candidates = {}
-    for path in files:
-        match = STEP_FILE.match(os.path.basename(path))
-        if match and not path.endswith(".config.yaml"):  # a checkpoint's description, not its weights
-            candidates[path] = int(match.group(1)) if match.group(1) else -1
+    candidates = _step_files(files)
     if not candidates:
         raise FileNotFoundError(
             f"{spec}: no checkpoint file named step_* in the repository; name the file: {spec.rstrip('/')}/<file>"
         )
+    return _newest(spec, candidates)
+
+
+def _newest(spec: str, candidates: Dict[str, int]) -> str:
+    """The candidate with the highest step; refused when several share it."""
     best_step = max(candidates.values())
     best = sorted(path for path, step in candidates.items() if step == best_step)
     if len(best) > 1:

@@ -1,5 +1,5 @@
 """Wilson score intervals for accuracies (docs/compatibility.md section 10.2): the interval itself, the z of a two-sided
-confidence level, and the two lines the eval-only runner prints per metric."""
+confidence level, and the line the eval-only runner prints per metric."""
 
 import math
 from statistics import NormalDist
@@ -28,13 +28,11 @@ def wilson_interval(p_hat: float, n: int, z: float = 1.959964) -> Tuple[float, f
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def format_wilson_lines(name: str, lo: float, hi: float, n: int, confidence: float = 0.95) -> List[str]:
-    """The eval-only runner's two lines for one metric's interval (lo, hi), in percent with 2 decimals:
+def format_wilson_line(name: str, p: float, lo: float, hi: float, n: int, confidence: float = 0.95) -> str:
+    """How the eval-only runner (and the quick start after it) states a measured rate: the value measured, then
+    its Wilson interval (lo, hi) over the n scored, in percent with 2 decimals:
 
-      <name> 95% Wilson CI [lo%, hi%] (N=n)
-        -> approx: mid ± half %"""
-    mid, half = (lo + hi) / 2, (hi - lo) / 2
-    return [
-        f"  {name} {100 * confidence:g}% Wilson CI [{100 * lo:.2f}%, {100 * hi:.2f}%] (N={n})",
-        f"    -> approx: {100 * mid:.2f} ± {100 * half:.2f} %",
-    ]
+      <name> p% (95% Wilson CI [lo%, hi%], N=n)
+
+    The interval's midpoint is not the measured value (the Wilson interval leans towards 50%), so it is not shown."""
+    return f"  {name} {100 * p:.2f}% ({100 * confidence:g}% Wilson CI [{100 * lo:.2f}%, {100 * hi:.2f}%], N={n})"
