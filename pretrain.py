@@ -15,6 +15,7 @@ finishes its current step, saves a training state and exits with code 128 + the 
 second signal stops it at once."""
 
 import copy
+import dataclasses
 import os
 import shutil
 import sys
@@ -129,7 +130,7 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
 
     compiled = (config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE"))
     if compiled:
-        model = torch.compile(model, mode=config.compile_mode)
+        model = compile_model(model, config)
     optimizers, base_lrs = create_optimizers(config, model, dist_info.world_size)
     ema = None
     if config.ema:
@@ -139,6 +140,26 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
                       carries=[None] * (local_batch // micro_batch_size),
                       act_generator=train_state.act_generator(config.seed, dist_info.rank, dist_info.device),
                       step=0, total_steps=total_steps, micro_batch_size=micro_batch_size, compiled=compiled, ema=ema)
+
+
+def compile_model(model: torch.nn.Module, config: PretrainConfig) -> torch.nn.Module:
+    """torch.compile with the config's mode; `compile_memory_budget` sets how much of the gradient cycle's
+    activations the compiler may keep (it recomputes the cheapest of the rest in backward)."""
+    if config.compile_memory_budget is not None:
+        import torch._functorch.config as functorch_config  # the compiler's documented knob for this trade-off
+        functorch_config.activation_memory_budget = config.compile_memory_budget
+    return torch.compile(model, mode=config.compile_mode)
+
+
+def _clone_tensors(obj):
+    """A copy of a carry (dataclasses and dicts of tensors) with every tensor cloned."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if dataclasses.is_dataclass(obj):
+        return type(obj)(**{f.name: _clone_tensors(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
+    if isinstance(obj, dict):
+        return {k: _clone_tensors(v) for k, v in obj.items()}
+    return obj
 
 
 def save_code_and_config(config: PretrainConfig) -> None:
@@ -164,14 +185,20 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
     state.model.train()
     batch = {k: v.to(dist_info.device, non_blocking=True) for k, v in batch.items()}
 
+    cuda_graphs = state.compiled and config.compile_mode == "reduce-overhead"
     metric_sums = None
     mb = state.micro_batch_size
     for slot in range(len(state.carries)):
         micro = {k: v[slot * mb:(slot + 1) * mb] for k, v in batch.items()}
         if state.carries[slot] is None:
             state.carries[slot] = unwrap(state.model).initial_carry(micro)  # all rows halted: filled from `micro`
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         state.carries[slot], loss, metrics, _, _ = state.model(return_keys=(), carry=state.carries[slot], batch=micro,
                                                                generator=state.act_generator)
+        if cuda_graphs:
+            # A CUDA graph's outputs live in its memory pool, which the next replay overwrites.
+            state.carries[slot] = _clone_tensors(state.carries[slot])
         (loss / global_batch_size).backward()
         if len(state.carries) > 1:
             for opt in state.optimizers:

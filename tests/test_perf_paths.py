@@ -96,3 +96,39 @@ def test_evaluation_model_switch_on_cpu():
     assert pretrain.evaluation_model(state, compile_eval=False) is plain
     assert pretrain.evaluation_model(state, compile_eval=True) is plain  # CPU: eager
     assert unwrap(state.model) is plain and state.eval_compiled is None
+
+
+def test_compile_memory_budget_reaches_the_compiler_and_is_range_checked():
+    import os
+    import torch._functorch.config as functorch_config
+    import pretrain
+    from training.config import ConfigError, compose_config
+    from tests.conftest import REPO
+
+    cfg_file = os.path.join(REPO, "config", "cfg_pretrain.yaml")
+    config = compose_config(cfg_file, ["+compile_memory_budget=0.6"])
+    before = functorch_config.activation_memory_budget
+    try:
+        compiled = pretrain.compile_model(torch.nn.Linear(2, 2), config)  # lazy: nothing compiles until called
+        assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+        assert functorch_config.activation_memory_budget == 0.6
+    finally:
+        functorch_config.activation_memory_budget = before
+    for bad in ("0", "1.5"):
+        with pytest.raises(ConfigError, match="compile_memory_budget"):
+            compose_config(cfg_file, [f"+compile_memory_budget={bad}"])
+
+
+def test_carry_clone_for_cuda_graphs_copies_every_tensor():
+    # In compile_mode=reduce-overhead the carry is cloned after each step (the next graph replay overwrites it).
+    import pretrain
+
+    model = TinyRecursiveReasoningModel_ACTV1(small_config())
+    batch = make_batch()
+    carry, _ = model(model.initial_carry(batch), batch)
+    copy = pretrain._clone_tensors(carry)
+    assert type(copy) is type(carry) and type(copy.inner_carry) is type(carry.inner_carry)
+    pairs = [(copy.steps, carry.steps), (copy.halted, carry.halted), (copy.inner_carry.z_H, carry.inner_carry.z_H),
+             (copy.inner_carry.z_L, carry.inner_carry.z_L)] + [(copy.current_data[k], v) for k, v in carry.current_data.items()]
+    for new, old in pairs:
+        assert torch.equal(new, old) and new.data_ptr() != old.data_ptr()

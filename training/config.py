@@ -81,6 +81,10 @@ class PretrainConfig(pydantic.BaseModel):
     compile_mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
         None, description="torch.compile's mode for the training model: default, reduce-overhead, max-autotune or "
                           "max-autotune-no-cudagraphs (unset: PyTorch's default); docs/performance.md measures them")
+    compile_memory_budget: Optional[float] = Field(
+        None, gt=0, le=1, description="share (0-1] of the gradient cycle's activations the compiler keeps, "
+                                      "recomputing the cheapest of the rest in backward (unset: keep what it "
+                                      "chooses); less memory for more step time, docs/performance.md measures it")
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward on each process; gradients "
                                                                     "accumulate to global_batch_size (unset: all "
                                                                     "rows in one forward)")

@@ -3,6 +3,7 @@ every test batch runs the ACT loop until all rows halt (halt_max_steps calls in 
 set over batches and ranks and divided by the count of scored rows, chosen outputs are saved per rank, and each
 evaluator (e.g. ARC voting) gets the batch and produces its own metrics."""
 
+import itertools
 import os
 from typing import Dict, List, Optional, Sequence
 
@@ -32,6 +33,7 @@ def evaluate(model: torch.nn.Module, loader, metadata: PuzzleDatasetMetadata, ev
     # Opt-in: the ACT model halts a whole eval batch once every row's halting head says halt (the reference
     # always runs halt_max_steps); the `steps` metric then reports the mean ACT steps used.
     unwrap(model).model.eval_early_exit = early_exit
+    max_act_steps = unwrap(model).model.config.halt_max_steps
 
     set_ids = {name: i for i, name in enumerate(metadata.sets)}
     metric_keys: List[str] = []
@@ -43,9 +45,11 @@ def evaluate(model: torch.nn.Module, loader, metadata: PuzzleDatasetMetadata, ev
         for set_name, batch, _global_batch_size in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             carry = model.initial_carry(batch)
-            while True:
+            for act_step in itertools.count(1):
                 carry, _loss, metrics, outputs, all_halted = model(return_keys=return_keys, carry=carry, batch=batch)
-                if all_halted:
+                # Without early exit no row halts before halt_max_steps, so the loop reads `all_halted` (a sync
+                # that idles the GPU while the next step is queued) only from then on.
+                if (early_exit or act_step >= max_act_steps) and all_halted:
                     break
 
             for key in save_outputs:
