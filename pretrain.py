@@ -19,8 +19,7 @@ import dataclasses
 import os
 import shutil
 import sys
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import List, Optional
 
 import coolname
 import hydra
@@ -40,29 +39,11 @@ from training.config import (PretrainConfig, check_batch_divides, check_command_
                              parse_config, print_error, shell_safe)
 from training.evaluation import evaluate
 from training.schedule import cosine_schedule_with_warmup_lr
+from training.train_state import TrainState
 from utils import distributed
 from utils.atomic import atomic_path, atomic_write_text
 from utils.errors import ConfigError
 from utils.functions import get_model_source_path, load_model_class
-
-
-@dataclass
-class TrainState:
-    model: torch.nn.Module  # loss head around the ACT model, compiled on CUDA
-    optimizers: List[torch.optim.Optimizer]
-    base_lrs: List[float]
-    carries: List[Any]  # one ACT carry per micro-batch slot (None until the first step)
-    act_generator: torch.Generator  # ACT exploration draws (on the training device); saved with the training state
-    step: int
-    total_steps: int
-    micro_batch_size: int
-    compiled: bool = False
-    ema: Optional[EMAHelper] = None
-    ema_model: Optional[torch.nn.Module] = None  # evaluation copy holding the EMA weights (made once)
-    eval_compiled: Optional[torch.nn.Module] = None  # compiled wrapper of an eager evaluation model (made once)
-    passes_done: int = 0  # loader position (PuzzleDataset.set_resume_position): train passes completed,
-    batches_done: int = 0  # and batches of the next pass consumed
-    halted_rows: int = 0  # rows (all ranks) whose puzzle halted in the last step, known on rank 0: the bar's weights
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -284,7 +265,7 @@ def setup(hydra_config: DictConfig):
     resume_from = train_state.find_resumable(config, dist_info) if config.resume else None
     state = create_train_state(config, train_metadata, dist_info, resuming=resume_from is not None)
     if resume_from is not None:  # before the train loader's first iterator: it sets the loader's position
-        train_state.restore(resume_from, config, dist_info, state, train_loader.dataset)
+        train_state.restore(resume_from, config, dist_info, state, train_loader)
     return config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state
 
 
@@ -306,14 +287,13 @@ def run(hydra_config: DictConfig) -> None:
         wandb_logging.init(config, num_params=sum(p.numel() for p in state.model.parameters()))
 
     stop = train_state.StopRequest()  # SIGTERM/SIGINT: save at the next step boundary, then exit
-    for iter_id in range(state.passes_done // len(sets), total_iters):  # a resumed run continues its iteration
-        for set_name, batch, global_batch_size in train_loader:
+    for iter_id in range(train_loader.next_iteration, total_iters):  # a resumed run continues its iteration
+        for _set_name, batch, global_batch_size in train_loader:
             if state.step >= state.total_steps:
                 # total_steps is an estimate from the dataset's mean puzzle size; the loader may yield more
                 # batches (ARC's group-weighted sampling). The surplus is not trained on, and the run ends with
                 # this iteration, so the last checkpoint is named after the optimizer steps taken.
                 break
-            train_state.note_batch(state, iter_id, sets.index(set_name), len(sets))
             metrics = train_batch(config, state, batch, global_batch_size, dist_info)
             if state.ema is not None:
                 state.ema.update(state.model)
@@ -323,11 +303,10 @@ def run(hydra_config: DictConfig) -> None:
 
             signum = stop.agreed(dist_info)
             if signum or (config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0):
-                train_state.save(config, dist_info, state)
+                train_state.save(config, dist_info, state, train_loader)
             if signum:
                 finish(bar, config)
                 sys.exit(128 + signum)
-        train_state.note_iteration_end(state, iter_id, len(sets))
         last_iter = iter_id == total_iters - 1 or state.step >= state.total_steps
 
         if iter_id >= (config.min_eval_interval or 0):
@@ -345,7 +324,7 @@ def run(hydra_config: DictConfig) -> None:
                 weights_file = os.path.join(config.checkpoint_path, f"step_{state.step}")
                 save_model_state(eval_model, weights_file, state.compiled)
                 write_checkpoint_description(weights_file, config, train_metadata, state.step)
-        train_state.save(config, dist_info, state)
+        train_state.save(config, dist_info, state, train_loader)
         if last_iter:
             break
 

@@ -212,12 +212,9 @@ class PuzzleDataset(IterableDataset):
         `batches_done` batches of pass `passes_done + 1`: it skips those batches (sampling indices only, reading no
         data) and, like an uninterrupted iteration, ends after the pass of the last set.
 
-        A trainer that has just consumed a batch of set `s` in iteration r over the loader (0-based, counted from
-        the start of the run: a run resumed at P passes starts in iteration P // len(metadata.sets)) is at
-        `passes_done = r * len(metadata.sets) + metadata.sets.index(s)` and `batches_done` = the batches of that
-        pass consumed so far, including those before a resume.
-        With loader workers (persistent, as `create_dataloader` makes them) the dataset is copied into the worker
-        when the DataLoader's first iterator is created, so call this before that."""
+        `PuzzleDataLoader` keeps that position as it hands out batches (`state_dict`) and sets it here
+        (`load_state_dict`). With loader workers (persistent, as `create_dataloader` makes them) the dataset is
+        copied into the worker when the DataLoader's first iterator is created, so call this before that."""
         if self.config.test_set_mode:
             raise ValueError("set_resume_position applies to train mode; test mode always covers every example once")
         if passes_done < 0 or batches_done < 0:
@@ -337,6 +334,50 @@ def _exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)  # no clean-up: the queues' feeder threads could block forever on a pipe nobody reads
 
 
+class PuzzleDataLoader(DataLoader):
+    """A DataLoader over a PuzzleDataset that knows where a train run is in the data: after the batches it has
+    handed out, `state_dict()` gives {"passes_done": train passes completed, "batches_done": batches of the next
+    pass handed out}; `load_state_dict` of such a position, before the first iteration, makes the loader continue
+    there (the dataset skips those batches). Iteration r over the loader (0-based, from the start of the run) is
+    passes r * S + 1 ... (r + 1) * S, one per set (S sets); a loader at `passes_done` P is in iteration
+    `P // S` (`next_iteration`), which a resumed run finishes first."""
+
+    def __init__(self, dataset: PuzzleDataset, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._passes_done = 0
+        self._batches_done = 0
+
+    @property
+    def next_iteration(self) -> int:
+        """The iteration (0-based, from the start of the run) that the next `for ... in loader` runs or finishes."""
+        return self._passes_done // len(self.dataset.metadata.sets)
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"passes_done": self._passes_done, "batches_done": self._batches_done}
+
+    def load_state_dict(self, position: Dict[str, int]) -> None:
+        if getattr(self, "_iterator", None) is not None:
+            raise ValueError("load_state_dict must come before the loader's first iteration (its worker holds a "
+                             "copy of the dataset from then on)")
+        self.dataset.set_resume_position(position["passes_done"], position["batches_done"])
+        self._passes_done, self._batches_done = position["passes_done"], position["batches_done"]
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return batches if self.dataset.config.test_set_mode else self._counted(batches)
+
+    def _counted(self, batches) -> Iterator[Tuple[str, Batch, int]]:
+        sets = self.dataset.metadata.sets
+        first_pass = self.next_iteration * len(sets)  # passes completed before this iteration's first set
+        for set_name, batch, global_batch_size in batches:
+            passes_done = first_pass + sets.index(set_name)
+            if passes_done != self._passes_done:  # the batch opens a new pass
+                self._passes_done, self._batches_done = passes_done, 0
+            self._batches_done += 1
+            yield set_name, batch, global_batch_size
+        self._passes_done, self._batches_done = first_pass + len(sets), 0
+
+
 # Every loader made here, so that a failing run can end their workers (stop_all_workers) wherever it fails.
 _LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
 
@@ -362,8 +403,8 @@ def stop_all_workers() -> None:
 
 
 def create_dataloader(config: PuzzleDatasetConfig, split: str, num_workers: int = 1,
-                      ) -> Tuple[DataLoader, PuzzleDatasetMetadata]:
-    """A DataLoader over `PuzzleDataset(config, split)` (batches are already formed) and the merged metadata.
+                      ) -> Tuple[PuzzleDataLoader, PuzzleDatasetMetadata]:
+    """A PuzzleDataLoader over `PuzzleDataset(config, split)` (batches are already formed) and the merged metadata.
 
     One worker reads ahead up to 8 batches and persists across iterations, keeping the pass counter;
     num_workers=0 reads in the calling process (same batches). Creating an iterator draws its worker seed from
@@ -374,7 +415,7 @@ def create_dataloader(config: PuzzleDatasetConfig, split: str, num_workers: int 
     dataset = PuzzleDataset(config, split=split)
     worker_options = dict(prefetch_factor=8, persistent_workers=True,
                           worker_init_fn=functools.partial(_init_worker, os.getpid())) if num_workers else {}
-    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                        generator=torch.Generator().manual_seed(config.seed), **worker_options)
+    loader = PuzzleDataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                              generator=torch.Generator().manual_seed(config.seed), **worker_options)
     _LOADERS.add(loader)
     return loader, dataset.metadata

@@ -306,10 +306,45 @@ def test_resume_through_a_loader_worker(varying):
     config = make_config([path], G=4, epochs=3, seed=1)
     uninterrupted = collect(PuzzleDataset(config), rounds=3)
     loader, _ = create_dataloader(config, "train", num_workers=1)
-    loader.dataset.set_resume_position(1, 2)  # before the first iterator: the worker gets a copy
+    loader.load_state_dict({"passes_done": 1, "batches_done": 2})  # before the first iterator: the worker gets a copy
+    assert loader.next_iteration == 1
     resumed = [item for _ in range(2) for item in loader]
     consumed = batches_per_pass(config, rounds=1)[0] + 2
     assert_same_batches(resumed, uninterrupted[consumed:])
+    assert loader.state_dict() == {"passes_done": 3, "batches_done": 0} and loader.next_iteration == 3
+    with pytest.raises(ValueError, match="before the loader's first iteration"):
+        loader.load_state_dict({"passes_done": 0, "batches_done": 0})
+
+
+@pytest.mark.parametrize("stop_after", [1, 6, 9, 12, 14, 27])
+def test_loader_reports_its_position_and_restarts_there(tmp_path, stop_after):
+    """After any batch it handed out (the `stop_after`-th: mid-pass, last of a pass or of an iteration), the loader's
+    state_dict is its position, and a fresh loader given it yields the rest of the uninterrupted run (two paths:
+    the passes alternate between `all` and `all1`)."""
+    write_dataset(tmp_path / "a", VARYING, tag=1)
+    write_dataset(tmp_path / "b", UNIFORM, tag=2)
+    config = make_config([tmp_path / "a", tmp_path / "b"], G=4, epochs=2, seed=3)
+    rounds = 3
+    uninterrupted = collect(PuzzleDataset(config), rounds=rounds)
+    ends = np.cumsum(batches_per_pass(config, rounds=rounds))  # batches handed out by the end of each pass
+
+    loader, _ = create_dataloader(config, "train", num_workers=0)
+    seen = []
+    while len(seen) < stop_after:
+        for item in loader:
+            seen.append(item)
+            if len(seen) == stop_after:
+                break
+    position = loader.state_dict()
+    current_pass = int(np.searchsorted(ends, stop_after))  # 0-based pass of the last batch handed out
+    assert position == {"passes_done": current_pass,
+                        "batches_done": stop_after - (int(ends[current_pass - 1]) if current_pass else 0)}
+
+    resumed, _ = create_dataloader(config, "train", num_workers=0)
+    resumed.load_state_dict(position)
+    assert resumed.next_iteration == current_pass // 2
+    rest = [item for _ in range(resumed.next_iteration, rounds) for item in resumed]
+    assert_same_batches(seen + rest, uninterrupted)
 
 
 def test_bad_inputs_raise_one_clear_line(tmp_path):

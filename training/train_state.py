@@ -3,8 +3,9 @@ needs to continue bit for bit (weights, optimizer moments, EMA shadow, step, dat
 generator, ACT carries).
 
 On disk, one folder per checkpoint, `<checkpoint_path>/train_state/step_<N>/`:
-    shared.pt      rank 0: step, data position, model state dict (incl. the puzzle table and H_init/L_init
-                   buffers), optimizer state dicts (AdamATan2 moments; sign-SGD is stateless), EMA shadow
+    shared.pt      rank 0: step, data position (the train loader's passes_done and batches_done), model state
+                   dict (incl. the puzzle table and H_init/L_init buffers), optimizer state dicts (AdamATan2
+                   moments; sign-SGD is stateless), EMA shadow
     rank_<r>.pt    every rank: its ACT exploration generator's state and its ACT carries
     manifest.json  written last by rank 0: {"format", "step", "code_version", "config_hash", "config",
                    "files": {name: {"bytes", "sha256"}}}; a folder without it is incomplete
@@ -33,6 +34,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from models.ema import EMAHelper
+from puzzle_dataset import PuzzleDataLoader
 from training.checkpoint import CheckpointError, atomic_torch_save, load_model_state, sha256_file, unwrap
 from utils import distributed
 from utils.atomic import atomic_write_text
@@ -49,6 +52,25 @@ METRICS_FILE = "metrics.jsonl"  # written by training/wandb_logging.py when metr
 # warm-up, ema_rate, evaluation and checkpoint settings, names) may change between the two runs.
 COMPATIBILITY_FIELDS = ("arch", "data_paths", "global_batch_size", "micro_batch_size", "epochs", "eval_interval",
                         "seed", "ema", "freeze_weights")
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a train step changes: `save` writes it and `restore` reads it back, with the train loader's position
+    (which the loader keeps itself); the evaluation copies and the bar's row count are not saved."""
+    model: torch.nn.Module  # loss head around the ACT model, compiled on CUDA
+    optimizers: List[torch.optim.Optimizer]
+    base_lrs: List[float]
+    carries: List[Any]  # one ACT carry per micro-batch slot (None until the first step)
+    act_generator: torch.Generator  # ACT exploration draws (on the training device)
+    step: int
+    total_steps: int
+    micro_batch_size: int
+    compiled: bool = False
+    ema: Optional[EMAHelper] = None
+    ema_model: Optional[torch.nn.Module] = None  # evaluation copy holding the EMA weights (made once)
+    eval_compiled: Optional[torch.nn.Module] = None  # compiled wrapper of an eager evaluation model (made once)
+    halted_rows: int = 0  # rows (all ranks) whose puzzle halted in the last step, known on rank 0: the bar's weights
 
 
 def rank_file(rank: int) -> str:
@@ -150,21 +172,6 @@ def carry_from_plain(plain: Any, model: torch.nn.Module, device: torch.device) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data position: the loader's (passes done, batches done in the next pass), see PuzzleDataset.set_resume_position
-
-def note_batch(state, iteration: int, set_index: int, num_sets: int) -> None:
-    """Count a batch of set `sets[set_index]` taken in loader iteration `iteration` (0-based, from the run start)."""
-    passes_done = iteration * num_sets + set_index
-    if passes_done != state.passes_done:  # the batch opens a new pass
-        state.passes_done, state.batches_done = passes_done, 0
-    state.batches_done += 1
-
-
-def note_iteration_end(state, iteration: int, num_sets: int) -> None:
-    state.passes_done, state.batches_done = (iteration + 1) * num_sets, 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Save
 
 def _fsync_dir(path: str) -> None:
@@ -184,9 +191,9 @@ def _save_file(obj: Any, path: str) -> Tuple[str, dict]:
     return os.path.basename(path), {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
-def save(config, dist_info: distributed.DistInfo, state) -> str:
-    """Write this step's training state (every rank takes part), then keep only the newest
-    `keep_last_checkpoints`. Returns the checkpoint folder."""
+def save(config, dist_info: distributed.DistInfo, state: TrainState, train_loader: PuzzleDataLoader) -> str:
+    """Write this step's training state and the train loader's position (every rank takes part), then keep only
+    the newest `keep_last_checkpoints`. Returns the checkpoint folder."""
     folder = os.path.join(state_root(config.checkpoint_path), f"step_{state.step}")
     manifest_path = os.path.join(folder, MANIFEST)
     if dist_info.is_main:
@@ -199,8 +206,7 @@ def save(config, dist_info: distributed.DistInfo, state) -> str:
     if dist_info.is_main:
         files.append(_save_file({
             "step": state.step,
-            "passes_done": state.passes_done,
-            "batches_done": state.batches_done,
+            **train_loader.state_dict(),  # passes_done, batches_done
             "model": unwrap(state.model).state_dict(),
             "optimizers": [opt.state_dict() for opt in state.optimizers],
             "ema": state.ema.state_dict() if state.ema is not None else None,
@@ -283,8 +289,9 @@ def _read(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load(folder: str, dist_info: distributed.DistInfo, state) -> None:
-    """Restore `state` (model, optimizers, EMA, step, data position, carries, this rank's ACT generator)."""
+def load(folder: str, dist_info: distributed.DistInfo, state: TrainState, train_loader: PuzzleDataLoader) -> None:
+    """Restore `state` (model, optimizers, EMA, step, carries, this rank's ACT generator) and put the train loader
+    at the saved position (before its first iteration)."""
     shared = _read(os.path.join(folder, SHARED_FILE))
     mine = _read(os.path.join(folder, rank_file(dist_info.rank)))
     load_model_state(state.model, shared["model"], resize_puzzle_table=False, source=folder)
@@ -295,7 +302,8 @@ def load(folder: str, dist_info: distributed.DistInfo, state) -> None:
         opt.load_state_dict(opt_state)
     if state.ema is not None:
         state.ema.load_state_dict(shared["ema"])
-    state.step, state.passes_done, state.batches_done = shared["step"], shared["passes_done"], shared["batches_done"]
+    state.step = shared["step"]
+    train_loader.load_state_dict({"passes_done": shared["passes_done"], "batches_done": shared["batches_done"]})
     if len(mine["carries"]) != len(state.carries):
         raise CheckpointError(f"training state {folder} holds {len(mine['carries'])} ACT carries per rank, this run "
                               f"has {len(state.carries)} micro-batch slots")
@@ -318,14 +326,14 @@ def find_resumable(config, dist_info: distributed.DistInfo) -> Optional[Tuple[st
     return distributed.broadcast_object(found)
 
 
-def restore(found: Tuple[str, dict], config, dist_info: distributed.DistInfo, state, train_dataset) -> None:
-    """Continue from `found` (find_resumable): refuse an incompatible config (CheckpointError), restore `state`,
-    put the train dataset at the saved position (call before its DataLoader's first iterator) and drop the
-    metrics logged past the saved step."""
+def restore(found: Tuple[str, dict], config, dist_info: distributed.DistInfo, state: TrainState,
+            train_loader: PuzzleDataLoader) -> None:
+    """Continue from `found` (find_resumable): refuse an incompatible config (CheckpointError), restore `state`
+    and the train loader's position (call before the loader's first iteration) and drop the metrics logged past
+    the saved step."""
     folder, manifest = found
     check_compatible(manifest, compatibility_config(config, dist_info.world_size, state.total_steps), folder)
-    load(folder, dist_info, state)
-    train_dataset.set_resume_position(state.passes_done, state.batches_done)
+    load(folder, dist_info, state, train_loader)
     if dist_info.is_main:
         rewind_metrics_file(config.checkpoint_path, state.step)
         print(f"Resumed from {folder} (step {state.step})")
