@@ -33,7 +33,7 @@ from models.ema import EMAHelper
 from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
-from training import progress, train_state, wandb_logging
+from training import memory, progress, train_state, wandb_logging
 from training.checkpoint import CheckpointError, save_model_state, unwrap
 from training.config import (PretrainConfig, check_batch_divides, check_command_line, check_data_paths, one_line,
                              parse_config, print_error, shell_safe)
@@ -91,6 +91,11 @@ def create_optimizers(config: PretrainConfig, model: torch.nn.Module, world_size
     return [sparse(), dense()], [config.puzzle_emb_lr, config.lr]
 
 
+def compiles(config: PretrainConfig, dist_info: distributed.DistInfo) -> bool:
+    """Whether the training model is torch.compile'd: on CUDA, unless compile=False or env DISABLE_COMPILE."""
+    return config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE")
+
+
 def create_train_state(config: PretrainConfig, train_metadata, dist_info: distributed.DistInfo,
                        resuming: bool = False) -> TrainState:
     """Model, optimizers and EMA at step 0: initialised, or from load_checkpoint unless a training state will
@@ -109,7 +114,7 @@ def create_train_state(config: PretrainConfig, train_metadata, dist_info: distri
             load_weights_for_training(model, config.load_checkpoint, config.arch, train_metadata.seq_len)
     distributed.broadcast_module(model)
 
-    compiled = (config.compile and dist_info.device.type == "cuda" and not os.environ.get("DISABLE_COMPILE"))
+    compiled = compiles(config, dist_info)
     if compiled:
         model = compile_model(model, config)
     optimizers, base_lrs = create_optimizers(config, model, dist_info.world_size)
@@ -253,6 +258,7 @@ def setup(hydra_config: DictConfig):
 
     epochs_per_iter = config.eval_interval if config.eval_interval is not None else config.epochs
     train_loader, train_metadata = create_loader(config, "train", config.data_paths, dist_info, epochs_per_iter)
+    memory.check_fits(config, train_metadata, dist_info, compiles(config, dist_info))  # before anything is allocated
     test_paths = config.data_paths_test or config.data_paths
     eval_loader = eval_metadata = None
     evaluators = []

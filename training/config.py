@@ -99,6 +99,9 @@ class PretrainConfig(pydantic.BaseModel):
                                                                           "after every eval_interval epochs)")
     metrics_jsonl: bool = Field(False, description="also append every logged metrics dict to <checkpoint_path>/"
                                                    "metrics.jsonl (rank 0)")
+    check_memory: bool = Field(True, description="before training, refuse a config whose estimated step memory "
+                                                 "exceeds the device's available memory, naming a micro_batch_size "
+                                                 "that fits (training/memory.py); False: skip the check")
 
     @pydantic.field_validator("run_name", "project_name")
     @classmethod
