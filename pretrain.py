@@ -300,7 +300,14 @@ def run(hydra_config: DictConfig) -> None:
                 # batches (ARC's group-weighted sampling). The surplus is not trained on, and the run ends with
                 # this iteration, so the last checkpoint is named after the optimizer steps taken.
                 break
-            metrics = train_batch(config, state, batch, global_batch_size, dist_info)
+            try:
+                metrics = train_batch(config, state, batch, global_batch_size, dist_info)
+            except torch.OutOfMemoryError:  # CUDA: one line of advice instead of a traceback
+                if bar is not None:
+                    bar.close()
+                print_error(memory.out_of_memory_advice(config, train_metadata, dist_info, state.compiled,
+                                                        state.micro_batch_size), every_rank=True)
+                sys.exit(1)
             if state.ema is not None:
                 state.ema.update(state.model)
             if dist_info.is_main and metrics is not None:

@@ -29,6 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
 CPU = distributed.DistInfo(0, 1, 0, torch.device("cpu"), None)
 SMALL = ["arch.hidden_size=64", "arch.num_heads=2", "arch.H_cycles=2", "arch.L_cycles=2", "arch.puzzle_emb_len=4"]
+TINY_ARCH = ["arch.hidden_size=16", "arch.num_heads=2", "arch.L_layers=1", "arch.H_cycles=1", "arch.L_cycles=1",
+             "arch.halt_max_steps=2", "arch.puzzle_emb_ndim=0", "arch.puzzle_emb_len=0"]
 VARIANTS = {  # small configs of every architecture and block kind
     "attention": SMALL,
     "mlp_t": SMALL + ["arch.mlp_t=True", "arch.pos_encodings=none", "micro_batch_size=4"],
@@ -55,7 +57,8 @@ def metadata(seq_len=81, vocab=11, puzzles=2000):
 def random_batch(md, rows, gen):
     return {"inputs": torch.randint(1, md.vocab_size, (rows, md.seq_len), generator=gen, dtype=torch.int32),
             "labels": torch.randint(2, md.vocab_size, (rows, md.seq_len), generator=gen, dtype=torch.int32),
-            "puzzle_identifiers": torch.randint(0, md.num_puzzle_identifiers, (rows,), generator=gen, dtype=torch.int32)}
+            "puzzle_identifiers": torch.randint(0, md.num_puzzle_identifiers, (rows,), generator=gen,
+                                                dtype=torch.int32)}
 
 
 def saved_bytes(model, carry, batch) -> int:
@@ -125,7 +128,9 @@ def test_compiled_cuda_estimates_match_measured_h200_peaks():
     """docs/performance.md's compiled bf16 peaks (paper architecture, synthetic data with one puzzle id)."""
     rows = [(81, 11, ["global_batch_size=768"], 19.81), (81, 11, ["global_batch_size=768", "arch.mlp_t=True",
             "arch.pos_encodings=none"], 29.62), (900, 6, ["global_batch_size=192", "arch.L_cycles=4"], 33.81),
-            (900, 6, ["global_batch_size=768", "arch.L_cycles=4"], 134.7)]
+            (900, 6, ["global_batch_size=768", "arch.L_cycles=4"], 134.7),
+            (81, 11, ["global_batch_size=768", "+compile_memory_budget=0.65"], 15.07),
+            (81, 11, ["global_batch_size=768", "+compile_memory_budget=0.5"], 10.64)]
     for seq_len, vocab, overrides, measured_gib in rows:
         config = compose_config(CONFIG, overrides + ["data_paths=[synthetic]", "evaluators=[]"])
         estimate = memory.estimate_step_memory(config, metadata(seq_len, vocab, puzzles=1), 1, "cuda", compiled=True)
@@ -156,9 +161,12 @@ def test_sudoku_mlp_t_recipe_is_refused_on_a_24_gib_cpu_with_a_micro_batch_that_
 
     mb = fitting_from_message(message)
     assert 1536 % mb == 0
-    assert memory.estimate_step_memory(config, md, 1, "cpu", False, micro_batch_size=mb).total <= memory.MARGIN * available
+    def at(size):
+        return memory.estimate_step_memory(config, md, 1, "cpu", False, micro_batch_size=size).total
+
+    assert at(mb) <= memory.MARGIN * available
     larger = min(d for d in range(mb + 1, 1537) if 1536 % d == 0)  # the next valid size does not fit
-    assert memory.estimate_step_memory(config, md, 1, "cpu", False, micro_batch_size=larger).total > memory.MARGIN * available
+    assert at(larger) > memory.MARGIN * available
 
     config.micro_batch_size = mb  # the advice followed: accepted
     memory.check_fits(config, md, CPU, compiled=False)
@@ -171,6 +179,49 @@ def test_no_micro_batch_fits_names_a_bigger_device(monkeypatch):
     monkeypatch.setenv(memory.AVAILABLE_OVERRIDE_ENV, str(2 ** 20))
     with pytest.raises(ConfigError, match="not even micro_batch_size=1 fits"):
         memory.check_fits(config, md, CPU, compiled=False)
+
+
+def test_out_of_memory_advice_names_the_total_and_a_smaller_micro_batch(monkeypatch):
+    config, md = compose(SUDOKU_MLP_T, batch=1536), metadata(puzzles=1)
+    total = 80 * 2 ** 30
+    monkeypatch.setenv(memory.AVAILABLE_OVERRIDE_ENV, str(total))  # stands for the device's total memory
+    line = memory.out_of_memory_advice(config, md, CPU, compiled=False, micro_batch_size=1536)
+    assert "\n" not in line and line.startswith("out of memory in a training step") and "80.0 GiB in total" in line
+    mb = fitting_from_message(line)
+    assert 1536 % mb == 0 and mb < 1536
+    assert memory.estimate_step_memory(config, md, 1, "cpu", False, micro_batch_size=mb).total <= memory.MARGIN * total
+    # The estimate said the step fits, yet it ran out: the advice is still a smaller micro-batch.
+    monkeypatch.setenv(memory.AVAILABLE_OVERRIDE_ENV, str(10 ** 15))
+    config.micro_batch_size = 192
+    assert fitting_from_message(memory.out_of_memory_advice(config, md, CPU, False, micro_batch_size=192)) == 128
+
+
+def test_pretrain_ends_a_step_that_runs_out_of_memory_in_one_line(make_sudoku_dataset, tmp_path, monkeypatch, capsys):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from puzzle_dataset import stop_all_workers
+
+    data = make_sudoku_dataset(64, 16, 30)
+    with initialize_config_dir(config_dir=os.path.dirname(CONFIG), version_base=None):
+        hydra_config = hydra_compose("cfg_pretrain", [f"data_paths=[{data}]", "evaluators=[]", "global_batch_size=8",
+                                                      "epochs=2", "eval_interval=2", "device=cpu", *TINY_ARCH,
+                                                      f"+checkpoint_path={tmp_path / 'run'}"])
+    monkeypatch.setenv(memory.AVAILABLE_OVERRIDE_ENV, str(2 ** 30))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pretrain, "train_batch", out_of_memory)
+    try:
+        with pytest.raises(SystemExit) as e:
+            pretrain.run(hydra_config)
+    finally:
+        stop_all_workers()
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "out of memory in a training step" in errors[0] and "micro_batch_size=4 " in errors[0]
+    assert err.endswith(errors[0] + "\n")  # the bar is closed first: the line is the last, and a line of its own
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,7 +251,8 @@ def test_pretrain_refuses_a_config_that_does_not_fit(make_sudoku_dataset, tmp_pa
         out, err = proc.communicate(timeout=120)
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1, err[-3000:]
-        assert f"about {memory.gib(full.total)}" in errors[0] and f"{memory.gib(available)} {memory.AVAILABLE_OVERRIDE_ENV}" in errors[0]
+        assert f"about {memory.gib(full.total)}" in errors[0]
+        assert f"{memory.gib(available)} {memory.AVAILABLE_OVERRIDE_ENV}" in errors[0]
         assert f"micro_batch_size={fit.micro_batch_size} " in errors[0]
         if nproc == 1:  # torchrun adds its own report of the failed ranks
             assert err.strip().splitlines() == errors and out.strip() == ""

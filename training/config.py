@@ -147,10 +147,11 @@ def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
-def print_error(message: str) -> None:
+def print_error(message: str, every_rank: bool = False) -> None:
     """`error: <message>` on stderr, once per run: under torchrun only rank 0 prints (every rank meets the same
-    config error), as one write ending in a newline so other processes' output cannot join the line."""
-    if os.environ.get("RANK", "0") == "0":
+    config error; `every_rank` for an error that may be one rank's alone), as one write ending in a newline so
+    other processes' output cannot join the line."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
 

@@ -36,7 +36,8 @@ Checked: the activations equal the bytes saved_tensors_hooks counts (within 0.1%
 cent of the CPU's measured peak of live tensors, for each architecture (tests/test_memory.py). Compiled on CUDA,
 Inductor's partitioner saves fewer tensors (it recomputes elementwise work in backward instead): the activations
 are then scaled by COMPILED_ACTIVATION_FACTOR, the ratio of the compiled bf16 peaks measured on an H200 to this
-formula's eager count (docs/performance.md, "Memory estimate")."""
+formula's eager count (docs/performance.md, "Memory estimate"), and by COMPILE_BUDGET_KEPT under
+compile_memory_budget."""
 
 import os
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,9 @@ MARGIN = 0.9  # a suggested micro_batch_size must fit in this fraction of the av
 # (attention 0.79 at Sudoku 768 and Maze 192 and 768, MLP-T 0.74 at Sudoku 768). Not with arch.recompute, whose
 # saved block inputs compilation does not shrink.
 COMPILED_ACTIVATION_FACTOR = {"attention": 0.79, "mlp_t": 0.74}
+# compile_memory_budget b -> share of the compiled activations kept, measured at Sudoku attention 768 (same page):
+# b = 0.65 keeps 0.75, 0.5 keeps 0.52; linear between, proportional below 0.5.
+COMPILE_BUDGET_KEPT = ((0.5, 0.52), (0.65, 0.75), (1.0, 1.0))
 # A process's memory beyond its tensors' bytes. CPU: the allocator's and kernel libraries' own, measured as the
 # RSS growth of CPU steps beyond their tensors (0.13-0.23 GiB for steps of 0.3-1.5 GiB); CUDA: cuBLAS/cuDNN
 # workspaces and the caching allocator's rounding (torch.cuda.max_memory_allocated does not count them).
@@ -120,6 +124,20 @@ def block_activation_bytes(cfg, rows: int) -> int:
     return rows * per_row
 
 
+def compile_budget_kept(budget: Optional[float]) -> float:
+    """Share of the compiled activations kept under compile_memory_budget (COMPILE_BUDGET_KEPT)."""
+    if budget is None:
+        return 1.0
+    (b0, k0), *rest = COMPILE_BUDGET_KEPT
+    if budget <= b0:
+        return k0 * budget / b0
+    for b1, k1 in rest:
+        if budget <= b1:
+            return k0 + (k1 - k0) * (budget - b0) / (b1 - b0)
+        b0, k0 = b1, k1
+    return 1.0
+
+
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -172,7 +190,8 @@ def estimate_step_memory(config: PretrainConfig, metadata: PuzzleDatasetMetadata
         activations = recursion.grad_block_calls * per_call
     activations += mb * (S * D * e + S * V * e + L * V * (4 * 8 + 1))  # heads and loss
     if compiled and device_type == "cuda" and not getattr(cfg, "recompute", False):
-        activations = int(activations * COMPILED_ACTIVATION_FACTOR["mlp_t" if cfg.mlp_t else "attention"])
+        activations = int(activations * COMPILED_ACTIVATION_FACTOR["mlp_t" if cfg.mlp_t else "attention"]
+                          * compile_budget_kept(config.compile_memory_budget))
     parts["activations"] = activations
     working = mb * S * (e * D * (recursion.latent_states + recursion.new_latents) + 4 * 2 * D)
     if recursion.second_pass:
@@ -288,3 +307,16 @@ def check_fits(config: PretrainConfig, metadata: PuzzleDatasetMetadata, dist_inf
         f"{gib(available)} {source}; {advice(config, metadata, dist_info.world_size, device_type, compiled, available)}"
         ", or check_memory=False to try anyway")
 
+
+def out_of_memory_advice(config: PretrainConfig, metadata: PuzzleDatasetMetadata, dist_info: distributed.DistInfo,
+                         compiled: bool, micro_batch_size: int) -> str:
+    """The line for a CUDA out-of-memory error in a training step: the estimate, the device's total memory and a
+    micro_batch_size below the current one that fits."""
+    device = dist_info.device
+    total = int(os.environ.get(AVAILABLE_OVERRIDE_ENV) or (
+        torch.cuda.mem_get_info(device)[1] if device.type == "cuda" else host_available_bytes()))
+    estimate = estimate_step_memory(config, metadata, dist_info.world_size, device.type, compiled)
+    needs = describe(estimate, config, dist_info.world_size) if estimate is not None else "more"
+    hint = advice(config, metadata, dist_info.world_size, device.type, compiled, total, below=micro_batch_size)
+    rank = f"rank {dist_info.rank}: " if dist_info.world_size > 1 else ""  # it may be one rank's alone
+    return f"{rank}out of memory in a training step on {device} ({gib(total)} in total; the step needs {needs}); {hint}"
