@@ -5,11 +5,11 @@ evaluation loop) on this machine, for one config and batch.
     python scripts/benchmark.py --seq-len 900 --vocab-size 6 global_batch_size=192 arch.L_cycles=4
     python scripts/benchmark.py --dataset data/maze-30x30-hard-1k --no-compile --eval-batches 0
 
-Prints one JSON object (and writes it to `--json-out`): train ms/step, examples/s, peak training memory,
-compile/warm-up time, evaluation puzzles/s through the full ACT loop and its peak memory, and achieved TFLOP/s
-from the FLOP count derived in docs/performance.md (`model_flops` below). Batches come from `--dataset` (its
-train split, through the project's loader) or are synthetic ones of the task's shape (`--seq-len`,
-`--vocab-size`); the cost of a step does not depend on the token values."""
+Prints one JSON object (and writes it to `--json-out`): train ms/step, examples/s, peak training memory and
+training/memory.py's estimate of it, compile/warm-up time, evaluation puzzles/s through the full ACT loop and its
+peak memory, and achieved TFLOP/s from the FLOP count derived in docs/performance.md (`model_flops` below).
+Batches come from `--dataset` (its train split, through the project's loader) or are synthetic ones of the task's
+shape (`--seq-len`, `--vocab-size`); the cost of a step does not depend on the token values."""
 
 import argparse
 import itertools
@@ -28,6 +28,7 @@ from models.layers import swiglu_intermediate_size  # noqa: E402
 import pretrain  # noqa: E402
 from training.checkpoint import unwrap  # noqa: E402
 from training.config import compose_config  # noqa: E402
+from training import memory  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
@@ -113,6 +114,8 @@ def main(argv=None) -> dict:
                                          seq_len=args.seq_len, num_puzzle_identifiers=1, total_groups=10**6,
                                          mean_puzzle_examples=1.0, total_puzzles=10**6, sets=["all"])
         batches = synthetic_batches(metadata, config.global_batch_size, config.seed)
+    estimate = memory.estimate_step_memory(config, metadata, dist_info.world_size, device.type,
+                                           pretrain.compiles(config, dist_info))
     state = pretrain.create_train_state(config, metadata, dist_info)
     state.total_steps = 10**9  # the schedule position does not change the cost of a step
     model_cfg = unwrap(state.model).model.config
@@ -140,6 +143,8 @@ def main(argv=None) -> dict:
         "train_ms_per_step": round(1000 * step_s, 2), "steps_per_s": round(1 / step_s, 3),
         "examples_per_s": round(config.global_batch_size / step_s, 1),
         "train_peak_gpu_mem_gib": peak_mem_gib(device),
+        # training/memory.py's estimate of the same peak (tensors only, as max_memory_allocated counts them)
+        "estimated_peak_gib": round(estimate.tensors / 2**30, 2) if estimate is not None else None,
         "train_flop_per_step": flops["train_step"] * config.global_batch_size,
         "train_tflops_per_s": round(flops["train_step"] * config.global_batch_size / step_s / 1e12, 4),
     }

@@ -39,6 +39,7 @@ def test_smoke_run_reports_every_field(tmp_path):
         batch_size=4, seq_len=9, vocab_size=5, puzzle_emb_ndim=32, hidden_size=32, num_heads=2, L_layers=1,
         H_cycles=2, L_cycles=2, halt_max_steps=2, puzzle_emb_len=1, expansion=2))["train_step"] * 4
     assert result["train_peak_gpu_mem_gib"] is None and result["compiled"] is False  # CPU: no CUDA numbers
+    assert 0 <= result["estimated_peak_gib"] < 0.1  # the memory estimate (MiBs here), beside the peak on CUDA
 
 
 def test_paper_sudoku_step_flops():
