@@ -34,7 +34,7 @@ from models.optimizers import AdamATan2
 from models.sparse_embedding import CastedSparseEmbeddingSignSGD_Distributed
 from puzzle_dataset import PuzzleDatasetConfig, create_dataloader, stop_all_workers
 from training import memory, progress, train_state, wandb_logging
-from training.checkpoint import CheckpointError, save_model_state, unwrap
+from training.checkpoint import save_model_state, unwrap
 from training.config import (PretrainConfig, check_batch_divides, check_command_line, check_data_paths, one_line,
                              parse_config, print_error, shell_safe)
 from training.evaluation import evaluate
@@ -42,7 +42,7 @@ from training.schedule import cosine_schedule_with_warmup_lr
 from training.train_state import TrainState
 from utils import distributed
 from utils.atomic import atomic_path, atomic_write_text
-from utils.errors import ConfigError
+from utils.errors import InputError
 from utils.functions import get_model_source_path, load_model_class
 
 
@@ -242,15 +242,13 @@ def evaluation_model(state: TrainState, compile_eval: bool = True) -> torch.nn.M
 # Main
 
 def setup(hydra_config: DictConfig):
-    """Everything before the loop. Problems with the config, data or checkpoint raise ConfigError & co."""
+    """Everything before the loop. Problems with the config, data or checkpoint raise InputErrors (utils/errors.py)."""
     raw = OmegaConf.to_container(hydra_config, resolve=True)
     config = parse_config(raw)
     dist_info = distributed.setup_distributed(config.device)
     check_batch_divides(config.global_batch_size, dist_info.world_size, config.micro_batch_size)
     check_data_paths(config.data_paths, "data_paths")
     check_data_paths(config.data_paths_test, "data_paths_test")
-    if config.eval_interval is not None and config.epochs % config.eval_interval:
-        raise ConfigError(f"epochs={config.epochs} must be a multiple of eval_interval={config.eval_interval}")
 
     config = distributed.broadcast_object(fill_run_names(config) if dist_info.is_main else None)
     train_state.refuse_existing_run(config, dist_info)
@@ -278,7 +276,7 @@ def setup(hydra_config: DictConfig):
 def run(hydra_config: DictConfig) -> None:
     try:
         config, dist_info, train_loader, train_metadata, eval_loader, eval_metadata, evaluators, state = setup(hydra_config)
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, ConnectionError) as e:  # ConnectionError: hub
+    except InputError as e:  # the project's own: bad config, data, checkpoint or hub address (anything else is a bug)
         print_error(one_line(e))
         distributed.cleanup()
         sys.exit(2)

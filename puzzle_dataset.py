@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
+from utils.errors import ConfigError, DataError, MissingInputError
 
 # inputs/labels can be gigabytes (ARC train: 3.3 GB each), so they stay on disk; the index arrays are small.
 _MMAP_MODES = {"inputs": "r", "labels": "r", "puzzle_identifiers": None, "puzzle_indices": None, "group_indices": None}
@@ -49,18 +50,21 @@ class PuzzleDatasetConfig(pydantic.BaseModel):
 def load_metadata(dataset_path: str, split: str) -> PuzzleDatasetMetadata:
     """Read `<dataset_path>/<split>/dataset.json`, checking that the folder and the files it names exist."""
     if not os.path.isdir(dataset_path):
-        raise FileNotFoundError(f"dataset path {dataset_path} does not exist; " + _BUILD_HINT.format(path=dataset_path))
+        raise MissingInputError(f"dataset path {dataset_path} does not exist; " + _BUILD_HINT.format(path=dataset_path))
     split_dir = os.path.join(dataset_path, split)
     if not os.path.isdir(split_dir):
-        raise FileNotFoundError(f"dataset {dataset_path} has no {split}/ split folder ({split_dir}); "
+        raise MissingInputError(f"dataset {dataset_path} has no {split}/ split folder ({split_dir}); "
                                 + _BUILD_HINT.format(path=dataset_path))
     json_path = os.path.join(split_dir, "dataset.json")
     if not os.path.isfile(json_path):
-        raise FileNotFoundError(f"{json_path} is missing; " + _BUILD_HINT.format(path=dataset_path))
+        raise MissingInputError(f"{json_path} is missing; " + _BUILD_HINT.format(path=dataset_path))
     with open(json_path) as f:
-        raw = json.load(f)
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{json_path} is not valid JSON ({e}); rebuild the dataset with its builder") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{json_path} is not a valid dataset.json (a JSON object is expected, got "
+        raise DataError(f"{json_path} is not a valid dataset.json (a JSON object is expected, got "
                          f"{type(raw).__name__}); rebuild the dataset with its builder")
     # Builders of other forks add keys of their own; like the reference, read the known ones and ignore the rest.
     unknown = sorted(set(raw) - set(PuzzleDatasetMetadata.model_fields))
@@ -71,13 +75,13 @@ def load_metadata(dataset_path: str, split: str) -> PuzzleDatasetMetadata:
         metadata = PuzzleDatasetMetadata(**raw)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
-        raise ValueError(f"{json_path} is not a valid dataset.json ({'.'.join(map(str, err['loc']))}: {err['msg']}); "
+        raise DataError(f"{json_path} is not a valid dataset.json ({'.'.join(map(str, err['loc']))}: {err['msg']}); "
                          "rebuild the dataset with its builder") from None
     for set_name in metadata.sets:
         for field in _MMAP_MODES:
             path = os.path.join(split_dir, f"{set_name}__{field}.npy")
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is missing (set {set_name!r} of {json_path}); "
+                raise MissingInputError(f"{path} is missing (set {set_name!r} of {json_path}); "
                                         + _BUILD_HINT.format(path=dataset_path))
     return metadata
 
@@ -95,7 +99,7 @@ def merge_metadata(dataset_paths: List[str], metadatas: List[PuzzleDatasetMetada
     for path, metadata in zip(dataset_paths[1:], metadatas[1:]):
         for field in _SHARED_FIELDS:
             if getattr(metadata, field) != getattr(first, field):
-                raise ValueError(
+                raise DataError(
                     f"dataset {path} has {field}={getattr(metadata, field)!r} but {dataset_paths[0]} has "
                     f"{getattr(first, field)!r}; datasets loaded together must agree on {', '.join(_SHARED_FIELDS)}"
                 )
@@ -179,16 +183,16 @@ class PuzzleDataset(IterableDataset):
     def __init__(self, config: PuzzleDatasetConfig, split: str = "train"):
         super().__init__()
         if not config.dataset_paths:
-            raise ValueError("dataset_paths is empty; give at least one dataset folder")
+            raise ConfigError("dataset_paths is empty; give at least one dataset folder")
         if config.global_batch_size <= 0 or config.epochs_per_iter <= 0:
-            raise ValueError(f"global_batch_size ({config.global_batch_size}) and epochs_per_iter "
+            raise ConfigError(f"global_batch_size ({config.global_batch_size}) and epochs_per_iter "
                              f"({config.epochs_per_iter}) must be positive")
         if config.seed < 0:
-            raise ValueError(f"seed must be non-negative (it seeds NumPy's Philox), got {config.seed}")
+            raise ConfigError(f"seed must be non-negative (it seeds NumPy's Philox), got {config.seed}")
         if config.num_replicas <= 0 or not 0 <= config.rank < config.num_replicas:
-            raise ValueError(f"rank {config.rank} is not in 0..num_replicas-1 (num_replicas {config.num_replicas})")
+            raise ConfigError(f"rank {config.rank} is not in 0..num_replicas-1 (num_replicas {config.num_replicas})")
         if config.global_batch_size % config.num_replicas:
-            raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the number of "
+            raise ConfigError(f"global_batch_size {config.global_batch_size} is not divisible by the number of "
                              f"processes {config.num_replicas}; choose a multiple of {config.num_replicas}")
         self.config = config
         self.split = split
@@ -262,7 +266,7 @@ class PuzzleDataset(IterableDataset):
                 empty = np.flatnonzero(np.diff(arrays["group_indices"]) <= 0)
                 if empty.size:
                     # The reference fails here with numpy's "low >= high" when such a group is drawn.
-                    raise ValueError(f"group {empty[0]} of set {file_set_name!r} in {split_dir} has no puzzles; "
+                    raise DataError(f"group {empty[0]} of set {file_set_name!r} in {split_dir} has no puzzles; "
                                      "rebuild the dataset with its builder")
                 self._data[set_name] = arrays
         return self._data

@@ -24,6 +24,7 @@ import torch
 
 from dataset.common import PuzzleDatasetMetadata, inverse_aug
 from utils import distributed
+from utils.errors import DataError, MissingInputError
 from utils.atomic import atomic_path
 
 GRID_SIDE = 30  # ARC sequences are a flattened 30x30 token canvas
@@ -63,6 +64,19 @@ HashMap = Dict[str, np.ndarray]
 Votes = Dict[str, Dict[str, List[Tuple[str, float]]]]
 
 
+def _read_json(data_path: str, name: str):
+    """One of the ARC builder's JSON files of the dataset folder."""
+    path = os.path.join(data_path, name)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{path} is missing: the ARC evaluator needs a dataset built by "
+                                "dataset/build_arc_dataset.py (for other tasks set evaluators=[])")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} is not valid JSON ({e}); rebuild the dataset with its builder") from None
+
+
 class ARC:
     required_outputs = {"inputs", "puzzle_identifiers", "q_halt_logits", "preds"}
     # The constructor's settings (keys of its evaluators=[...] entry), as `python pretrain.py --help` lists them.
@@ -86,12 +100,10 @@ class ARC:
         self.pass_Ks = tuple(pass_Ks)
         self.blank_identifier_id = eval_metadata.blank_identifier_id
 
-        with open(os.path.join(data_path, "identifiers.json")) as f:
-            self.identifier_map: List[str] = json.load(f)
-        with open(os.path.join(data_path, "test_puzzles.json")) as f:
-            self.test_puzzles: Dict[str, dict] = json.load(f)
+        self.identifier_map: List[str] = _read_json(data_path, "identifiers.json")
+        self.test_puzzles: Dict[str, dict] = _read_json(data_path, "test_puzzles.json")
         if not self.test_puzzles:
-            raise ValueError(f"{os.path.join(data_path, 'test_puzzles.json')} lists no test puzzles")
+            raise DataError(f"{os.path.join(data_path, 'test_puzzles.json')} lists no test puzzles")
 
         self._clear_votes()
         self.begin_eval()

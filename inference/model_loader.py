@@ -18,11 +18,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import pydantic
 import torch
 import yaml
 
 from dataset.common import PuzzleDatasetMetadata
-from models.arch import ArchConfig, validate_arch
+from models.arch import ArchConfig
 from models.build import build_model
 from models.layers import swiglu_intermediate_size
 from training.checkpoint import (CheckpointError, load_model_state, read_state_dict, sha256_file, strip_prefixes,
@@ -133,7 +134,7 @@ def _class_fields(arch: dict) -> dict:
     """The model class's config fields (name -> pydantic field), {} when the class cannot be imported."""
     try:
         return dict(load_model_class(arch["name"]).config_class.model_fields)
-    except (KeyError, ValueError, AttributeError):
+    except (KeyError, ConfigError, AttributeError):
         return {}
 
 
@@ -358,9 +359,11 @@ def load_model_from_checkpoint(checkpoint: str, *, dataset_metadata: Optional[Pu
                               f"or set it to the weights' value")
     try:
         arch_config = ArchConfig(**arch)
-    except Exception as e:  # pydantic: e.g. a saved config without name/loss
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        if isinstance(err.get("ctx", {}).get("error"), ConfigError):  # the section's own checks: unknown fields, ranges
+            raise err["ctx"]["error"] from None
         raise ConfigError(f"architecture from {source} is incomplete ({str(e).splitlines()[0]})") from None
-    validate_arch(arch_config)
     config = config.model_copy(update={"arch": arch_config})
 
     metadata = dataset_metadata or _metadata_from(facts, arch, data, checkpoint_file)

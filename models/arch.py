@@ -1,5 +1,5 @@
 """The `arch` config section: the model class (`name`), its loss head (`loss`) and the model's own fields, checked
-against the model class's config at start-up (ranges of the shared fields, unknown fields with a close match)."""
+when the section is built (ranges of the shared fields, unknown fields and loss settings with a close match)."""
 
 from typing import Dict, Optional, Tuple
 
@@ -7,12 +7,21 @@ import pydantic
 from pydantic import Field
 
 from utils.errors import ConfigError, did_you_mean
-from utils.functions import load_model_class
+from utils.functions import check_settings, load_model_class
 
 
 class LossConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the loss head's constructor
+    model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the loss head's constructor; checked below
     name: str = Field(description="the loss head, `module@Class` under models/ (its other keys go to its constructor)")
+
+    @pydantic.model_validator(mode="after")
+    def _check_settings(self):
+        try:
+            loss_cls = load_model_class(self.name)
+        except ConfigError as e:
+            raise ConfigError(f"arch.loss.name: {e}") from None
+        check_settings(loss_cls, self.model_extra or {}, positional=("model",), prefix="arch.loss.")
+        return self
 
 
 # Ranges of the model fields shared by the variants (name: (low, high, what)); a value outside fails at start.
@@ -27,7 +36,7 @@ ARCH_RANGES: Dict[str, Tuple[float, Optional[float], str]] = {
 
 
 class ArchConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")  # the model's own fields; checked by validate_arch
+    model_config = pydantic.ConfigDict(extra="allow")  # the model's own fields; checked by validate_arch below
     name: str = Field(description="the model class, `module@Class` under models/ (set by the arch=<name> file)")
     loss: LossConfig = Field(description="the loss head and its settings")
 
@@ -42,6 +51,11 @@ class ArchConfig(pydantic.BaseModel):
                 raise ConfigError(f"arch.{key}={value} is out of range: it must be {what}")
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _check_fields(self):
+        validate_arch(self)
+        return self
+
 
 def model_config_fields(arch: ArchConfig) -> set:
     """Field names of the model class's pydantic config (its `config_class`)."""
@@ -54,9 +68,10 @@ INJECTED_ARCH_FIELDS = {"batch_size", "seq_len", "vocab_size", "num_puzzle_ident
 
 
 def validate_arch(arch: ArchConfig) -> None:
+    """Every field of `arch` must be a settable field of the model class's config."""
     try:
         known = model_config_fields(arch)
-    except ValueError as e:
+    except ConfigError as e:
         raise ConfigError(f"arch.name: {e}") from None
     for key in arch.model_extra or {}:
         if key not in known or key in INJECTED_ARCH_FIELDS:

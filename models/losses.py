@@ -1,13 +1,14 @@
 """Loss head of the ACT models: token cross-entropy (stablemax or softmax), the halting Q-losses and the
 unnormalised metric sums that training and evaluation reduce."""
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Literal, Optional, Sequence, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dataset.common import IGNORE_LABEL_ID  # re-exported: the loss head's ignore label
+from utils.errors import ConfigError
 
 
 def _stablemax_s(x: torch.Tensor, epsilon: float = 1e-30) -> torch.Tensor:
@@ -45,7 +46,9 @@ def softmax_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
                            ignore_index=ignore_index, reduction="none").view(labels.shape)
 
 
+LossType = Literal["stablemax_cross_entropy", "softmax_cross_entropy"]  # the config checks arch.loss.loss_type with it
 LOSS_FUNCTIONS = {"stablemax_cross_entropy": stablemax_cross_entropy, "softmax_cross_entropy": softmax_cross_entropy}
+assert set(get_args(LossType)) == set(LOSS_FUNCTIONS)
 
 
 class ACTLossHead(nn.Module):
@@ -59,10 +62,10 @@ class ACTLossHead(nn.Module):
     # The constructor's settings (arch.loss.<key>), as `python pretrain.py --help` lists them.
     CONFIG_HELP = {"loss_type": f"token cross entropy: {' or '.join(LOSS_FUNCTIONS)}"}
 
-    def __init__(self, model: nn.Module, loss_type: str):
+    def __init__(self, model: nn.Module, loss_type: LossType):
         super().__init__()
         if loss_type not in LOSS_FUNCTIONS:
-            raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {sorted(LOSS_FUNCTIONS)}")
+            raise ConfigError(f"unknown loss_type {loss_type!r}; expected one of {sorted(LOSS_FUNCTIONS)}")
         self.model = model
         self.loss_fn = LOSS_FUNCTIONS[loss_type]
 

@@ -13,6 +13,7 @@ import torch
 
 from dataset.common import PuzzleDatasetMetadata, dihedral_transform
 from evaluators.arc import ARC, crop_grid
+from utils.errors import MissingInputError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KAGGLE = os.path.join(REPO, "kaggle", "combined", "arc-agi_evaluation")
@@ -282,6 +283,13 @@ def test_torchrun_two_ranks_match_single_process(data_path, tmp_path):
         metrics = json.load(f)
     assert metrics == pytest.approx(EXPECTED_METRICS)
     assert read_submission(out_dir) == EXPECTED_SUBMISSION
+
+
+def test_a_folder_without_the_arc_files_is_refused_in_one_line(tmp_path):
+    with pytest.raises(MissingInputError, match=r"identifiers\.json is missing: the ARC evaluator needs a dataset "
+                                                r"built by dataset/build_arc_dataset\.py \(for other tasks set "
+                                                r"evaluators=\[\]\)"):
+        ARC(str(tmp_path), METADATA)
 
 
 def test_world_size_above_one_needs_a_process_group(data_path):

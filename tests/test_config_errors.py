@@ -1,6 +1,7 @@
 """Config errors are one line with exit code 2, Hydra's included: unknown keys get a close match ("did you mean
-H_cycles?"), values out of range are refused at start (training/config.py, models/arch.py), and under torchrun the line is printed
-once, on a line of its own."""
+H_cycles?"), values out of range and the loss head's and evaluators' settings are refused at start
+(training/config.py, models/arch.py), and under torchrun the line is printed once, on a line of its own. Set-up
+reports the project's own errors in one line and lets any other exception (a bug) through."""
 
 import os
 import subprocess
@@ -8,8 +9,8 @@ import sys
 
 import pytest
 
-from training.config import compose_config
-from utils.errors import ConfigError
+from training.config import check_command_line, compose_config
+from utils.errors import ConfigError, DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
@@ -74,3 +75,35 @@ def test_torchrun_prints_the_error_once_on_its_own_line(sudoku_dataset, tmp_path
     errors = [line for line in result.stderr.splitlines() if "error: " in line and "global_batch_size" in line]
     assert errors == ["error: global_batch_size=33 is not divisible by the world size 2; choose a multiple of 2"], \
         result.stderr
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("+arch.loss.loss_typ=softmax_cross_entropy", "did you mean loss_type? (arch.loss.loss_type=...)"),
+    ("arch.loss.loss_type=cross_entropy", "'arch.loss.loss_type' of ACTLossHead must be 'stablemax_cross_entropy' or"),
+    ("evaluators=[{name: arc@ARC, aggregated_votin: False}]", "did you mean aggregated_voting?"),
+    ("evaluators=[{name: arc@ARC, submission_K: two}]", "'submission_K' of ARC must be a valid integer"),
+    ("evaluators=[{name: arcc@ARC}]", "no module evaluators.arcc"),
+], ids=["loss-key", "loss-value", "evaluator-key", "evaluator-value", "evaluator-name"])
+def test_loss_and_evaluator_settings_are_checked_with_the_config(capsys, override, fragment):
+    with pytest.raises(SystemExit) as info:
+        check_command_line(CFG, ["data_paths=[x]", override])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("error", [DataError("data/x/train/dataset.json is not valid JSON; rebuild the dataset"),
+                                   ValueError("a bug: not the user's input")], ids=["input-error", "bug"])
+def test_setup_reports_input_errors_in_one_line_and_lets_bugs_through(monkeypatch, capsys, error):
+    import pretrain
+
+    def failing_setup(_hydra_config):
+        raise error
+
+    monkeypatch.setattr(pretrain, "setup", failing_setup)
+    if isinstance(error, DataError):
+        with pytest.raises(SystemExit) as info:
+            pretrain.run(None)
+        assert info.value.code == 2 and capsys.readouterr().err == f"error: {error}\n"
+    else:  # a genuine bug keeps its exception (and traceback)
+        with pytest.raises(ValueError, match="a bug"):
+            pretrain.run(None)

@@ -17,7 +17,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 UNREACHABLE_ENDPOINT = "http://127.0.0.1:9"  # discard port: nothing listens
 
-# Prints one JSON line per spec: {"path": ...} or {"error": <class name>, "message": ...}.
+# Prints one JSON line per spec: {"path": ...} or {"error": <class name, FileNotFoundError for any of its
+# subclasses>, "message": ...}.
 RESOLVE_SCRIPT = """
 import json, sys
 from utils.hub import resolve_checkpoint
@@ -25,7 +26,8 @@ for spec in sys.argv[1:]:
     try:
         print(json.dumps({"path": resolve_checkpoint(spec)}))
     except (OSError, ValueError) as e:
-        print(json.dumps({"error": type(e).__name__, "message": str(e)}))
+        name = "FileNotFoundError" if isinstance(e, FileNotFoundError) else type(e).__name__
+        print(json.dumps({"error": name, "message": str(e)}))
 """
 
 

@@ -12,12 +12,9 @@ import torch
 
 from models.common import strip_wrapper_prefixes
 from utils.atomic import atomic_path
+from utils.errors import CheckpointError, MissingInputError
 
 PUZZLE_TABLE_KEY = "model.inner.puzzle_emb.weights"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message is one line naming the problem and the fix."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,7 +44,7 @@ def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Load a raw state dict onto the CPU, refusing anything that is not plain tensors."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a step_<N> file or hf://owner/repo")
+        raise MissingInputError(f"checkpoint {path} does not exist; pass the path of a step_<N> file or hf://owner/repo")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

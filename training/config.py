@@ -11,13 +11,26 @@ from typing import List, Literal, Optional
 import pydantic
 from pydantic import Field
 
-from models.arch import ARCH_RANGES, ArchConfig, model_config_fields, validate_arch
+from models.arch import ARCH_RANGES, ArchConfig, model_config_fields
 from utils.errors import ConfigError, did_you_mean
+from utils.functions import check_settings, load_model_class
 
 
 class EvaluatorConfig(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the evaluator's constructor
+    model_config = pydantic.ConfigDict(extra="allow")  # extra keys go to the evaluator's constructor; checked below
     name: str = Field(description="the evaluator class, `module@Class` under evaluators/ (e.g. arc@ARC)")
+
+    @pydantic.model_validator(mode="after")
+    def _check_settings(self):
+        try:
+            evaluator_cls = load_model_class(self.name, "evaluators.")
+        except ConfigError as e:
+            raise ConfigError(f"evaluators: {e}") from None
+        try:
+            check_settings(evaluator_cls, self.model_extra or {}, positional=("data_path", "eval_metadata"))
+        except ConfigError as e:
+            raise ConfigError(f"evaluators: {e}") from None
+        return self
 
 
 # Each key's `description` is what `python pretrain.py --help` prints (training/config_help.py), so the help cannot
@@ -111,6 +124,12 @@ class PretrainConfig(pydantic.BaseModel):
             raise ConfigError(f"{info.field_name}={name!r} is not a usable name: use letters, digits and . _ - + = @ , only "
                               f"(e.g. {shell_safe(name).strip('-') or 'my-run'!r})")
         return name
+
+    @pydantic.model_validator(mode="after")
+    def _whole_iterations(self):
+        if self.eval_interval is not None and self.epochs % self.eval_interval:
+            raise ConfigError(f"epochs={self.epochs} must be a multiple of eval_interval={self.eval_interval}")
+        return self
 
 
 SHELL_SAFE = re.compile(r"[A-Za-z0-9._+=@,-]+")  # characters a shell takes literally, unquoted
@@ -254,7 +273,6 @@ def parse_config(raw: dict) -> PretrainConfig:
             except Exception:  # noqa: BLE001 - only the suggestion is lost
                 pass
         raise ConfigError(format_validation_error(e, fields)) from None
-    validate_arch(config.arch)
     return config
 
 

@@ -9,6 +9,8 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 
+from utils.errors import ConfigError
+
 
 _CPU_GROUP: Optional[Any] = None  # set by setup_distributed under torchrun
 
@@ -30,7 +32,7 @@ def setup_distributed(device: Optional[str] = None) -> DistInfo:
     """`device`: None picks CUDA when available, else CPU; "cpu" forces the CPU (gloo under torchrun)."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"device={device} asked for, but torch sees no CUDA device; use device=cpu")
+        raise ConfigError(f"device={device} asked for, but torch sees no CUDA device; use device=cpu")
     if "LOCAL_RANK" not in os.environ:
         return DistInfo(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"), None)
 

@@ -1,11 +1,29 @@
-"""The project's own error type for bad configuration, and the 'did you mean' hint its messages carry. Here,
-below every other package, so that the model's config section and the trainer's can both raise it."""
+"""The project's own error types, and the 'did you mean' hint their messages carry. Here, below every other package,
+so that every part can raise them. `InputError` is what pretrain.py and the scripts report as one line `error: ...`
+with exit code 2: bad input found at start-up. Any other exception is a bug and keeps its traceback."""
 
 import difflib
 
 
-class ConfigError(ValueError):
-    """Bad configuration; the message is one line naming the problem and the fix."""
+class InputError(ValueError):
+    """Input that cannot be used as given (config, dataset, checkpoint, hub address); the message is one line
+    naming the problem and the fix."""
+
+
+class ConfigError(InputError):
+    """Bad configuration."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that cannot be used as asked."""
+
+
+class DataError(InputError):
+    """A dataset folder whose files cannot be used (malformed, or not matching the others loaded with it)."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder that the input names does not exist."""
 
 
 def did_you_mean(key: str, known) -> str:

@@ -19,11 +19,13 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
+from utils.errors import ConfigError, InputError, MissingInputError
+
 HF_PREFIX = "hf://"
 STEP_FILE = re.compile(r"step_(\d+)?")  # `step_32550`, `step_259320_arc_ag1_attn_type_h3l4`, ...
 
 
-class HubUnreachableError(ConnectionError):
+class HubUnreachableError(InputError, ConnectionError):
     """The Hugging Face Hub could not be reached (no connection, or offline mode) and the file is not cached."""
 
 
@@ -57,7 +59,7 @@ def resolve_checkpoint(spec: str, verbose: bool = True) -> str:
         if os.path.isdir(spec):
             return _newest_in_folder(spec, verbose)
         if not os.path.exists(spec):
-            raise FileNotFoundError(f"checkpoint {spec} does not exist (hub checkpoints are given as hf://owner/repo)")
+            raise MissingInputError(f"checkpoint {spec} does not exist (hub checkpoints are given as hf://owner/repo)")
         return spec
 
     repo_id, filename = _parse_hf_spec(spec)
@@ -71,18 +73,18 @@ def resolve_checkpoint(spec: str, verbose: bool = True) -> str:
             f"download the checkpoint elsewhere and pass its local path to --checkpoint"
         ) from e
     except RepositoryNotFoundError:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{spec}: no repository {repo_id} on the Hugging Face Hub (or it is private or gated: log in first)"
         ) from None
     except EntryNotFoundError:  # after LocalEntryNotFoundError, its subclass: here the file is missing remotely
-        raise FileNotFoundError(f"{spec}: no file {filename} in repository {repo_id}") from None
+        raise MissingInputError(f"{spec}: no file {filename} in repository {repo_id}") from None
 
 
 def _parse_hf_spec(spec: str) -> Tuple[str, Optional[str]]:
     """`hf://owner/repo[/path/in/repo]` -> (`owner/repo`, `path/in/repo` or None)."""
     parts = spec[len(HF_PREFIX) :].split("/", 2)
     if len(parts) < 2 or not parts[0] or not parts[1]:
-        raise ValueError(f"checkpoint spec {spec!r} must look like hf://owner/repo or hf://owner/repo/path/in/repo")
+        raise ConfigError(f"checkpoint spec {spec!r} must look like hf://owner/repo or hf://owner/repo/path/in/repo")
     filename = parts[2] if len(parts) == 3 and parts[2] else None
     return f"{parts[0]}/{parts[1]}", filename
 
@@ -117,7 +119,7 @@ def _newest_in_folder(folder: str, verbose: bool) -> str:
     candidates = _step_files(n for n in names if os.path.isfile(os.path.join(folder, n)))
     if not candidates:
         shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-        raise FileNotFoundError(f"checkpoint folder {folder} holds no step_<N> weights file "
+        raise MissingInputError(f"checkpoint folder {folder} holds no step_<N> weights file "
                                 f"({'it holds: ' + shown if names else 'it is empty'}); pass a step_<N> file, or the "
                                 f"folder a training run wrote them to (checkpoints/<project>/<run>)")
     path = os.path.join(folder, _newest(folder, candidates))
@@ -131,7 +133,7 @@ def _pick_step_file(spec: str, files: Iterable[str]) -> str:
     """The file named `step_*`; with several, the highest step (a name without a step number ranks lowest)."""
     candidates = _step_files(files)
     if not candidates:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{spec}: no checkpoint file named step_* in the repository; name the file: {spec.rstrip('/')}/<file>"
         )
     return _newest(spec, candidates)
@@ -142,7 +144,7 @@ def _newest(spec: str, candidates: Dict[str, int]) -> str:
     best_step = max(candidates.values())
     best = sorted(path for path, step in candidates.items() if step == best_step)
     if len(best) > 1:
-        raise FileNotFoundError(f"{spec}: several checkpoints with the same step ({', '.join(best)}); name one of them")
+        raise MissingInputError(f"{spec}: several checkpoints with the same step ({', '.join(best)}); name one of them")
     return best[0]
 
 
