@@ -13,6 +13,7 @@ import pytest
 
 from dataset import build_arc_dataset as arc
 from dataset.common import inverse_aug
+from tests.conftest import one_error_line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFIX = os.path.join(ROOT, "kaggle", "combined", "arc-agi")
@@ -257,7 +258,7 @@ def test_bad_input_fails_with_one_line_and_writes_nothing(inputs, file, content,
         _write(inputs / file, content)
     result = _run(inputs / "p", inputs / "out")
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1 and one_error_line(result.stderr, message)
     assert not [f for f in os.listdir(inputs) if f.startswith(("out", ".out"))]
 
 
@@ -265,5 +266,6 @@ def test_existing_output_dir_is_refused(inputs):
     os.makedirs(inputs / "out")
     _write(inputs / "out" / "keep.txt", "mine")
     result = _run(inputs / "p", inputs / "out")
-    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "already exists" in result.stderr
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    one_error_line(result.stderr, "already exists")
     assert os.listdir(inputs / "out") == ["keep.txt"]

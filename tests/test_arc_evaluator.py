@@ -5,7 +5,6 @@ across two successive evaluations with and without aggregated voting."""
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,9 +12,9 @@ import torch
 
 from dataset.common import PuzzleDatasetMetadata, dihedral_transform
 from evaluators.arc import ARC, crop_grid
+from tests.conftest import ENV, REPO, launch
 from utils.errors import MissingInputError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KAGGLE = os.path.join(REPO, "kaggle", "combined", "arc-agi_evaluation")
 
 A, B, C = "0c786b71", "3b4c2228", "e345f17b"  # A: 1 test pair (3x4 -> 6x8); B, C: 2 test pairs each
@@ -270,13 +269,9 @@ def test_torchrun_two_ranks_match_single_process(data_path, tmp_path):
     torch.save(outputs, batch_path)
     out_dir = tmp_path / "out"
 
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv_backend=c10d",
-        "--rdzv_endpoint=localhost:0", "--nnodes=1",
-        os.path.join(REPO, "tests", "arc_dist_worker.py"), data_path, str(batch_path), str(out_dir),
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    worker = os.path.join(REPO, "tests", "arc_dist_worker.py")
+    cmd = launch(worker, nproc=2) + [data_path, str(batch_path), str(out_dir)]
+    proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     with open(out_dir / "result.json") as f:

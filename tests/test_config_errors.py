@@ -5,26 +5,24 @@ reports the project's own errors in one line and lets any other exception (a bug
 
 import os
 import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import ENV, REPO, launch, one_error_line, run_pretrain_in_process
 from training.config import check_command_line, compose_config
 from utils.errors import ConfigError, DataError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 TINY = ["evaluators=[]", "global_batch_size=8", "epochs=1", "eval_interval=1", "arch.hidden_size=16",
         "arch.num_heads=2", "arch.L_layers=1", "++device=cpu"]
 
 
+def arguments(data_dir, tmp_path, *overrides):
+    return [f"data_paths=[{data_dir}]", *TINY, f"++checkpoint_path={tmp_path / 'ckpt'}", *overrides]
+
+
 def pretrain(data_dir, tmp_path, *overrides, nproc=1):
-    launcher = [sys.executable, "pretrain.py"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-                    "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "pretrain.py"]
-    cmd = launcher + [f"data_paths=[{data_dir}]", *TINY, f"++checkpoint_path={tmp_path / 'ckpt'}", *overrides]
+    cmd = launch("pretrain.py", nproc) + arguments(data_dir, tmp_path, *overrides)
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
 
 
@@ -38,11 +36,18 @@ def pretrain(data_dir, tmp_path, *overrides, nproc=1):
     ("arch.puzzle_emb_ndim=0", "puzzle_emb_len"),  # the model config's own (multi-line pydantic) error
     ("lr=-1", "'lr' must be greater than or equal to 0"),
 ], ids=["hydra-unknown", "plus-unknown", "top-level", "arch-choice", "syntax", "needs-plus", "model", "range"])
-def test_config_error_is_one_line_exit_2(sudoku_dataset, tmp_path, override, fragment):
-    result = pretrain(sudoku_dataset, tmp_path, override)
+def test_config_error_is_one_line_exit_2(sudoku_dataset, tmp_path, capsys, override, fragment):
+    rc, _, err = run_pretrain_in_process(arguments(sudoku_dataset, tmp_path, override), capsys)
+    assert rc == 2, err
+    one_error_line(err, fragment)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_config_error_of_the_real_command_is_one_line_exit_2(sudoku_dataset, tmp_path):
+    # The same path as above through a real `python pretrain.py`: nothing else reaches stderr.
+    result = pretrain(sudoku_dataset, tmp_path, "lrr=1")
     assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    one_error_line(result.stderr, "did you mean lr?")
     assert not (tmp_path / "ckpt").exists()
 
 
@@ -75,6 +80,8 @@ def test_torchrun_prints_the_error_once_on_its_own_line(sudoku_dataset, tmp_path
     errors = [line for line in result.stderr.splitlines() if "error: " in line and "global_batch_size" in line]
     assert errors == ["error: global_batch_size=33 is not divisible by the world size 2; choose a multiple of 2"], \
         result.stderr
+    assert 'pretrain.py", line' not in result.stderr  # torchrun reports the failed ranks; no traceback of ours
+    assert not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.parametrize("override, fragment", [

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from models.arch import INJECTED_ARCH_FIELDS
+from tests.conftest import ENV, REPO
 from training.config import PretrainConfig, check_command_line, compose_raw
 from utils.functions import load_model_class
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
 ARCH_FILES = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "config", "arch", "*.yaml")))
 KEY_LINE = re.compile(r"^  (\+?)([A-Za-z_][\w.]*)=(\S*)(?: +(\S.*))?$")
@@ -99,10 +99,9 @@ def test_constructor_settings_of_the_loss_head_and_evaluators_are_described():
 
 
 def test_help_and_hydra_help_from_the_command_line():
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    ours = subprocess.run([sys.executable, "pretrain.py", "--help"], cwd=REPO, env=env, capture_output=True,
+    ours = subprocess.run([sys.executable, "pretrain.py", "--help"], cwd=REPO, env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert ours.returncode == 0 and "+run_name=null" in ours.stdout and "arch.L_cycles=6" in ours.stdout, ours.stderr
-    hydra = subprocess.run([sys.executable, "pretrain.py", "--hydra-help"], cwd=REPO, env=env, capture_output=True,
+    hydra = subprocess.run([sys.executable, "pretrain.py", "--hydra-help"], cwd=REPO, env=ENV, capture_output=True,
                            text=True, timeout=300)
     assert hydra.returncode == 0 and "Hydra" in hydra.stdout and "--hydra-help" in hydra.stdout, hydra.stderr

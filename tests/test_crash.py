@@ -8,13 +8,12 @@ checkpoint (checkpoint_every_steps=2, while the loader worker is running) raises
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+from tests.conftest import ENV, REPO, launch
+
 GONE_WITHIN = 30  # seconds: the acceptance limit for "ended, and nothing left"
 
 TINY = ["evaluators=[]", "global_batch_size=8", "epochs=20", "eval_interval=20", "arch.hidden_size=16",
@@ -29,11 +28,7 @@ def data_dir(make_sudoku_dataset):
 
 
 def command(data_dir, checkpoint_path, *extra, nproc=1):
-    launcher = [sys.executable, "pretrain.py"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-                    "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "pretrain.py"]
-    return launcher + [f"data_paths=[{data_dir}]", *TINY, f"++checkpoint_path={checkpoint_path}", *extra]
+    return launch("pretrain.py", nproc) + [f"data_paths=[{data_dir}]", *TINY, f"++checkpoint_path={checkpoint_path}", *extra]
 
 
 def group_alive(pgid: int) -> bool:

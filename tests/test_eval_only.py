@@ -7,7 +7,6 @@ The Sudoku checkpoint is a "copy" model: orthonormal token embeddings shared wit
 branches, so it predicts each given digit back and fails on blanks. Its test split has 0 or 1 blank per puzzle,
 which makes exact accuracy neither 0 nor 1 and every metric worth checking."""
 
-import importlib.util
 import json
 import math
 import os
@@ -22,11 +21,10 @@ import torch
 from evaluators.arc import ARC
 from models.build import build_model
 from puzzle_dataset import load_metadata
+from tests.conftest import (ENV, REPO, RUNNER, assert_refused, launch, read_eval_report,
+                            run_eval_only_in_process)
 from training.config import compose_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNNER = os.path.join(REPO, "scripts", "run_eval_only.py")
-ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 
 # A tiny architecture, every field away from config/arch/trm.yaml so the overrides visibly take effect.
 TINY = dict(hidden_size=32, num_heads=2, expansion=2, L_layers=1, H_cycles=2, L_cycles=2, halt_max_steps=3,
@@ -76,35 +74,6 @@ def run_runner(args, env=None, timeout=300):
     proc = subprocess.run([sys.executable, RUNNER, *map(str, args)], env=env or ENV, cwd=REPO, capture_output=True,
                           text=True, timeout=timeout)
     return proc.returncode, proc.stdout, proc.stderr
-
-
-_RUNNER_MODULE = None
-
-
-def run_in_process(args, capsys):
-    """main() of the runner in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    global _RUNNER_MODULE
-    if _RUNNER_MODULE is None:
-        spec = importlib.util.spec_from_file_location("run_eval_only", RUNNER)
-        _RUNNER_MODULE = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_RUNNER_MODULE)
-    capsys.readouterr()
-    rc = _RUNNER_MODULE.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def read_report(outdir):
-    with open(os.path.join(outdir, "eval_report.json")) as f:
-        return json.load(f)
-
-
-def assert_refused(rc, stderr, *fragments):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert rc != 0
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def wilson(p, n, z=1.96):
@@ -208,7 +177,7 @@ def direct_eval(model, data):
 
 def test_report_matches_direct_computation(sudoku, copy_model, copy_checkpoint, baseline):
     outdir, stdout = baseline
-    report = read_report(outdir)
+    report = read_eval_report(outdir)
     data = load_test_split(sudoku)
     rows = direct_eval(copy_model, data)
 
@@ -249,11 +218,11 @@ def test_report_matches_direct_computation(sudoku, copy_model, copy_checkpoint, 
 def test_checkpoint_without_prefix_loads_identically(sudoku, copy_model, baseline, tmp_path, capsys):
     plain = save_reference_format(copy_model, tmp_path / "step_plain", prefix="")
     assert not any(k.startswith("_orig_mod.") for k in torch.load(plain, weights_only=True))
-    rc, out, err = run_in_process(["--checkpoint", plain, "--dataset", sudoku, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", plain, "--dataset", sudoku, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, *OVERRIDES], capsys)
     assert rc == 0, out + err
-    ref = read_report(baseline[0])
-    got = read_report(tmp_path / "out")
+    ref = read_eval_report(baseline[0])
+    got = read_eval_report(tmp_path / "out")
     assert got["metrics"] == ref["metrics"] and got["counts"] == ref["counts"]
     a = torch.load(os.path.join(baseline[0], "step_0_all_preds.0"), weights_only=True)
     b = torch.load(tmp_path / "out" / "step_0_all_preds.0", weights_only=True)
@@ -268,16 +237,16 @@ def test_checkpoint_folder_evaluates_its_highest_step(sudoku, copy_checkpoint, b
     shutil.copy(save_reference_format(tiny_model(load_metadata(sudoku, "test"), seed=5), tmp_path / "other"),
                 run / "step_9")  # lexically after step_100, an earlier step
     (run / "step_100_all_preds.0").write_bytes(b"not weights")
-    rc, out, err = run_in_process(["--checkpoint", run, "--dataset", sudoku, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", run, "--dataset", sudoku, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, *OVERRIDES], capsys)
     assert rc == 0, out + err
     assert f"Checkpoint: {run / 'step_100'} (the highest step of 2 in {run})" in out.splitlines()
-    report = read_report(tmp_path / "out")
+    report = read_eval_report(tmp_path / "out")
     assert report["checkpoint_file"] == str(run / "step_100")
-    assert report["metrics"] == read_report(baseline[0])["metrics"]
+    assert report["metrics"] == read_eval_report(baseline[0])["metrics"]
 
     (tmp_path / "empty_run" / "train_state").mkdir(parents=True)
-    rc, out, err = run_in_process(["--checkpoint", tmp_path / "empty_run", "--dataset", sudoku, "--outdir",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", tmp_path / "empty_run", "--dataset", sudoku, "--outdir",
                                    tmp_path / "out2", *OVERRIDES], capsys)
     assert_refused(rc, err, "holds no step_<N> weights file (it holds: train_state)", "pass a step_<N> file")
 
@@ -305,10 +274,10 @@ def test_quick_start_states_the_result_as_the_runner_does(tmp_path):
 
 
 def test_one_batch(sudoku, copy_checkpoint, tmp_path, capsys):
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    "--global-batch-size", G, "--one-batch", *OVERRIDES], capsys)
     assert rc == 0, out + err
-    report = read_report(tmp_path)
+    report = read_eval_report(tmp_path)
     assert report["one_batch"] is True
     assert report["counts"]["all"]["count"] == G
     assert set(report["metrics"]["all"]) == {"accuracy", "exact_accuracy", "lm_loss", "q_halt_accuracy",
@@ -322,7 +291,7 @@ def test_one_batch(sudoku, copy_checkpoint, tmp_path, capsys):
 
 
 def test_one_batch_without_a_full_batch(sudoku, copy_checkpoint, tmp_path, capsys):
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    "--global-batch-size", 2 * NUM_TEST, "--one-batch", *OVERRIDES], capsys)
     assert rc == 0 and "NO EVAL DATA FOUND" in out
     assert not os.path.exists(tmp_path / "eval_report.json")
@@ -337,24 +306,24 @@ def test_arch_is_settable_for_the_checkpoint(sudoku, tmp_path, capsys):
     ckpt = save_reference_format(model, tmp_path / "step_mlp")
     args = ["--checkpoint", ckpt, "--dataset", sudoku, "--global-batch-size", G, *OVERRIDES]
 
-    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "mlp", "arch=trm_mlp", "arch.pos_encodings=none"],
+    rc, out, err = run_eval_only_in_process([*args, "--outdir", tmp_path / "mlp", "arch=trm_mlp", "arch.pos_encodings=none"],
                                   capsys)
     assert rc == 0, out + err
-    report = read_report(tmp_path / "mlp")
+    report = read_eval_report(tmp_path / "mlp")
     assert report["arch"]["mlp_t"] is True and report["arch"]["L_cycles"] == TINY["L_cycles"]
 
     # Without naming the arch: the weights say MLP-T, and the same model is evaluated.
-    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "auto"], capsys)
+    rc, out, err = run_eval_only_in_process([*args, "--outdir", tmp_path / "auto"], capsys)
     assert rc == 0, out + err
-    assert read_report(tmp_path / "auto")["metrics"] == report["metrics"]
+    assert read_eval_report(tmp_path / "auto")["metrics"] == report["metrics"]
     # Asking for attention on MLP-T weights: refused, naming the setting.
-    rc, out, err = run_in_process([*args, "--outdir", tmp_path / "att", "arch.mlp_t=False"], capsys)
+    rc, out, err = run_eval_only_in_process([*args, "--outdir", tmp_path / "att", "arch.mlp_t=False"], capsys)
     assert_refused(rc, err, ckpt, "arch.mlp_t=False")
 
 
 def test_refuses_a_checkpoint_of_another_task(sudoku, maze, tmp_path, capsys):
     ckpt = save_reference_format(tiny_model(load_metadata(maze, "test")), tmp_path / "step_maze")
-    rc, out, err = run_in_process(["--checkpoint", ckpt, "--dataset", sudoku, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", ckpt, "--dataset", sudoku, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, *OVERRIDES], capsys)
     assert_refused(rc, err, "embed_tokens", "[6, 32]", "[11, 32]", "vocabulary differs")
     assert "Traceback" not in out + err
@@ -367,14 +336,14 @@ def test_refuses_a_checkpoint_of_another_task(sudoku, maze, tmp_path, capsys):
 def test_refuses_a_checkpoint_that_does_not_fit_the_dataset(sudoku, tmp_path, capsys, change, fragments):
     metadata = load_metadata(sudoku, "test").model_copy(update=change)
     ckpt = save_reference_format(tiny_model(metadata, pos_encodings="learned"), tmp_path / "step_other")
-    rc, out, err = run_in_process(["--checkpoint", ckpt, "--dataset", sudoku, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", ckpt, "--dataset", sudoku, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, *OVERRIDES, "arch.pos_encodings=learned"], capsys)
     assert_refused(rc, err, *fragments)
 
 
 def test_refuses_a_checkpoint_of_another_width(sudoku, copy_checkpoint, tmp_path, capsys):
     # The usual slip: the checkpoint's arch overrides forgotten (here hidden_size).
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    "--global-batch-size", G, *OVERRIDES, "arch.hidden_size=64"], capsys)
     assert_refused(rc, err, "[11, 32]", "arch.hidden_size=64", "width differs")
 
@@ -385,7 +354,7 @@ def test_refuses_a_checkpoint_of_another_width(sudoku, copy_checkpoint, tmp_path
     ("arch.L_cycles=[", ("override rejected",)),
 ], ids=["unknown_key", "unknown_arch", "syntax"])
 def test_refuses_a_bad_override(sudoku, copy_checkpoint, tmp_path, capsys, override, fragments):
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    *OVERRIDES, override], capsys)
     assert_refused(rc, err, *fragments)
 
@@ -393,10 +362,10 @@ def test_refuses_a_bad_override(sudoku, copy_checkpoint, tmp_path, capsys, overr
 def test_dataset_path_is_not_override_syntax(sudoku, copy_checkpoint, tmp_path, capsys):
     dataset = tmp_path / "sudoku, v2=x"
     shutil.copytree(sudoku, dataset)
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", dataset, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", dataset, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, "--one-batch", *OVERRIDES], capsys)
     assert rc == 0, out + err
-    assert read_report(tmp_path / "out")["dataset"] == str(dataset)
+    assert read_eval_report(tmp_path / "out")["dataset"] == str(dataset)
 
 
 class NotAStateDict:
@@ -412,13 +381,13 @@ class NotAStateDict:
 def test_refuses_what_is_not_a_plain_state_dict(sudoku, tmp_path, capsys, obj, fragments):
     path = tmp_path / "step_1"
     torch.save(obj, path)
-    rc, out, err = run_in_process(["--checkpoint", path, "--dataset", sudoku, "--outdir", tmp_path / "out",
+    rc, out, err = run_eval_only_in_process(["--checkpoint", path, "--dataset", sudoku, "--outdir", tmp_path / "out",
                                    "--global-batch-size", G, *OVERRIDES], capsys)
     assert_refused(rc, err, str(path), *fragments)
 
 
 def test_refuses_a_missing_checkpoint(sudoku, tmp_path, capsys):
-    rc, out, err = run_in_process(["--checkpoint", tmp_path / "nope", "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", tmp_path / "nope", "--dataset", sudoku, "--outdir", tmp_path,
                                    *OVERRIDES], capsys)
     assert_refused(rc, err, "nope", "does not exist")
 
@@ -467,7 +436,7 @@ def test_arc_end_to_end(arc, tmp_path):
     assert len(test_puzzles) == ARC_PUZZLES["evaluation"]
     num_pairs = sum(len(p["test"]) for p in test_puzzles.values())
 
-    report = read_report(outdir)
+    report = read_eval_report(outdir)
     metrics = report["metrics"]
     for k in (1, 2, 5, 10, 100, 1000):
         assert 0 <= metrics[f"ARC/pass@{k}"] <= 1
@@ -525,10 +494,10 @@ def test_arc_per_task_credit(tmp_path, monkeypatch):
 
 
 def test_early_exit_without_halting_matches_normal_mode(sudoku, copy_checkpoint, baseline, tmp_path, capsys):
-    rc, out, err = run_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", tmp_path,
                                    "--global-batch-size", G, "--early-exit", *OVERRIDES], capsys)
     assert rc == 0, out + err
-    report, ref = read_report(tmp_path), read_report(baseline[0])
+    report, ref = read_eval_report(tmp_path), read_eval_report(baseline[0])
     assert report["early_exit"] is True
     assert report["metrics"] == ref["metrics"]  # q_halt ~ -5 never fires: all halt_max_steps steps
     assert report["metrics"]["all"]["steps"] == TINY["halt_max_steps"]
@@ -544,14 +513,14 @@ def test_early_exit_stops_when_every_row_halts(sudoku, copy_model, tmp_path, cap
     torch.save({"_orig_mod." + k: v for k, v in state.items()}, ckpt)
     common = ["--checkpoint", ckpt, "--dataset", sudoku, "--global-batch-size", G, *OVERRIDES]
 
-    rc, out, err = run_in_process([*common, "--outdir", tmp_path / "early", "--early-exit"], capsys)
+    rc, out, err = run_eval_only_in_process([*common, "--outdir", tmp_path / "early", "--early-exit"], capsys)
     assert rc == 0, out + err
-    early = read_report(tmp_path / "early")["metrics"]["all"]
+    early = read_eval_report(tmp_path / "early")["metrics"]["all"]
     assert early["steps"] == 1.0
 
-    rc, out, err = run_in_process([*common, "--outdir", tmp_path / "normal"], capsys)  # opt-in only
+    rc, out, err = run_eval_only_in_process([*common, "--outdir", tmp_path / "normal"], capsys)  # opt-in only
     assert rc == 0, out + err
-    normal = read_report(tmp_path / "normal")["metrics"]["all"]
+    normal = read_eval_report(tmp_path / "normal")["metrics"]["all"]
     assert normal["steps"] == TINY["halt_max_steps"]
 
 
@@ -560,13 +529,11 @@ def test_early_exit_stops_when_every_row_halts(sudoku, copy_model, tmp_path, cap
 
 
 def test_torchrun_two_processes_match_one(sudoku, copy_checkpoint, baseline, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv_backend=c10d",
-           "--rdzv_endpoint=localhost:0", "--nnodes=1", RUNNER, "--checkpoint", copy_checkpoint, "--dataset", sudoku,
-           "--outdir", str(tmp_path), "--global-batch-size", str(G), "--device", "cpu", *OVERRIDES]
+    cmd = launch(RUNNER, nproc=2) + ["--checkpoint", copy_checkpoint, "--dataset", sudoku, "--outdir", str(tmp_path), "--global-batch-size", str(G), "--device", "cpu", *OVERRIDES]
     proc = subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    report, ref = read_report(tmp_path), read_report(baseline[0])
+    report, ref = read_eval_report(tmp_path), read_eval_report(baseline[0])
     assert report["world_size"] == 2
     assert report["counts"] == ref["counts"]
     assert report["metrics"]["all"] == pytest.approx(ref["metrics"]["all"], rel=1e-6)

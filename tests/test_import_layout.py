@@ -7,7 +7,8 @@ import os
 import subprocess
 from typing import Dict, List, Set, Tuple
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
+
 
 Edge = Tuple[str, str]  # (importing package, imported package)
 

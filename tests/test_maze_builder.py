@@ -16,8 +16,8 @@ import pytest
 from dataset import build_maze_dataset as builder
 from dataset import generate_maze
 from dataset.common import DatasetBuildError, dihedral_transform
+from tests.conftest import REPO, load_split, one_error_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "maze_small")
 TOKEN_CHARS = "?# SGo"  # token t -> character; 0 (PAD) never appears
 
@@ -29,14 +29,6 @@ def csv_rows(split, source=FIXTURE):
 
 def build(output_dir, *flags):
     builder.main(builder.parse_args(["--source-dir", FIXTURE, "--output-dir", str(output_dir), *flags]))
-
-
-def load(output_dir, split):
-    d = os.path.join(output_dir, split)
-    arrays = {f: np.load(os.path.join(d, f"all__{f}.npy"))
-              for f in ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")}
-    with open(os.path.join(d, "dataset.json")) as f:
-        return json.load(f), arrays
 
 
 def decode(tokens):
@@ -56,7 +48,7 @@ def expected_metadata(groups):
 def test_tokens_decode_to_csv(tmp_path):
     build(tmp_path / "maze")
     for split in ("train", "test"):
-        meta, arr = load(tmp_path / "maze", split)
+        meta, arr = load_split(tmp_path / "maze", split)
         rows = csv_rows(split)
         assert meta == expected_metadata(len(rows))
         assert arr["inputs"].dtype == arr["labels"].dtype == np.uint8
@@ -74,7 +66,7 @@ def test_tokens_decode_to_csv(tmp_path):
 
 def test_aug_groups_hold_the_eight_dihedral_versions(tmp_path):
     build(tmp_path / "maze", "--aug")
-    meta, arr = load(tmp_path / "maze", "train")
+    meta, arr = load_split(tmp_path / "maze", "train")
     assert meta == expected_metadata(20)
     assert arr["inputs"].shape == (160, 900)
     np.testing.assert_array_equal(arr["group_indices"], np.arange(0, 161, 8))
@@ -85,7 +77,7 @@ def test_aug_groups_hold_the_eight_dihedral_versions(tmp_path):
             assert decode(arr["inputs"][row]) == "".join(dihedral_transform(grid(question), t).flatten())
             assert decode(arr["labels"][row]) == "".join(dihedral_transform(grid(answer), t).flatten())
     # The test split is never augmented.
-    meta, arr = load(tmp_path / "maze", "test")
+    meta, arr = load_split(tmp_path / "maze", "test")
     assert meta == expected_metadata(20) and arr["inputs"].shape == (20, 900)
 
 
@@ -93,10 +85,10 @@ def test_subsample_is_seeded(tmp_path):
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         build(tmp_path / name, "--subsample-size", "6", "--aug", "--seed", seed)
     originals = {r[1] for r in csv_rows("train")}
-    _, arr = load(tmp_path / "a", "train")
+    _, arr = load_split(tmp_path / "a", "train")
     picked = [decode(t) for t in arr["inputs"][::8]]
     assert len(set(picked)) == 6 and set(picked) <= originals
-    assert load(tmp_path / "a", "test")[1]["inputs"].shape == (20, 900)  # test is not subsampled
+    assert load_split(tmp_path / "a", "test")[1]["inputs"].shape == (20, 900)  # test is not subsampled
     same = (tmp_path / "b" / "train" / "all__inputs.npy").read_bytes()
     other = (tmp_path / "c" / "train" / "all__inputs.npy").read_bytes()
     assert (tmp_path / "a" / "train" / "all__inputs.npy").read_bytes() == same != other
@@ -110,10 +102,7 @@ def run_builder(*flags, env=None):
 
 def assert_one_line_failure(result, *fragments):
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+    one_error_line(result.stderr, *fragments)
 
 
 def source_with_bad_row(tmp_path, column, text):
@@ -230,7 +219,7 @@ def test_generated_mazes_build(tmp_path):
         assert int(rating) == answer.count("o") == shortest_distance(question, 12) - 1 >= 20
 
     builder.main(builder.parse_args(["--source-dir", str(runs["1"]), "--output-dir", str(tmp_path / "built")]))
-    meta, arr = load(tmp_path / "built", "train")
+    meta, arr = load_split(tmp_path / "built", "train")
     assert (meta["seq_len"], meta["vocab_size"], arr["inputs"].shape) == (144, 6, (16, 144))
 
 

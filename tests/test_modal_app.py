@@ -3,10 +3,7 @@ parameters, the ARC job starts one process per GPU it gets, arch overrides trave
 functions underneath (eval job, realtime predict, pages) run locally on a tiny trained checkpoint."""
 
 import inspect
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ Reference-format checkpoints are the fixtures in tests/fixtures (README there): 
 them, 64 wide, 2 blocks, puzzle prefix 2, 3 puzzle-embedding rows; `fixtures.json` holds their architecture and
 `<name>.trace.pt` the reference's outputs on one batch."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,12 +17,10 @@ import yaml
 
 from inference.model_loader import description_path, load_model_from_checkpoint, sha256_file
 from puzzle_dataset import load_metadata
+from tests.conftest import ENV, REPO, RUNNER, assert_refused, read_eval_report, run_eval_only_in_process
 from training.checkpoint import CheckpointError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
-RUNNER = os.path.join(REPO, "scripts", "run_eval_only.py")
-ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 with open(os.path.join(FIXTURES, "fixtures.json")) as f:
     FIXTURE_SPECS = json.load(f)
 INJECTED = {"batch_size", "seq_len", "vocab_size", "num_puzzle_identifiers"}
@@ -68,33 +65,6 @@ def trace_logits(loaded, name):
     return outputs["logits"], trace["eval_steps"][-1]["logits"]
 
 
-_RUNNER = None
-
-
-def run_in_process(args, capsys):
-    global _RUNNER
-    if _RUNNER is None:
-        spec = importlib.util.spec_from_file_location("run_eval_only_for_loader_tests", RUNNER)
-        _RUNNER = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(_RUNNER)
-    capsys.readouterr()
-    rc = _RUNNER.main([str(a) for a in args])
-    out = capsys.readouterr()
-    return rc, out.out, out.err
-
-
-def read_report(outdir):
-    with open(os.path.join(outdir, "eval_report.json")) as f:
-        return json.load(f)
-
-
-def assert_one_error_line(rc, stderr, *fragments):
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert rc != 0 and len(lines) == 1 and lines[0].startswith("error: "), stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints without a saved config: the architecture is read from the weights
 
@@ -128,10 +98,10 @@ def test_readme_eval_command_on_a_reference_mlpt_checkpoint(sudoku3, tmp_path):
                            "--global-batch-size", "4", "--outdir", str(outdir)],
                           env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    arch = read_report(outdir)["arch"]
+    arch = read_eval_report(outdir)["arch"]
     assert arch["mlp_t"] is True and arch["pos_encodings"] == "none"
     assert (arch["hidden_size"], arch["L_layers"], arch["puzzle_emb_len"]) == (64, 2, 2)
-    assert read_report(outdir)["metrics"]["all"]["steps"] == arch["halt_max_steps"]
+    assert read_eval_report(outdir)["metrics"]["all"]["steps"] == arch["halt_max_steps"]
     lines = proc.stdout.splitlines()
     assumed = [line for line in lines if line.startswith("Not determinable from the weights")]
     assert len(assumed) == 1 and all(f"{k}=" in assumed[0] for k in UNSEEN), proc.stdout
@@ -150,9 +120,9 @@ def test_run_folder_all_config_sets_the_cycles(sudoku3, tmp_path, capsys):
     (folder / "all_config.yaml").write_text(yaml.dump(run_config))  # PyYAML defaults, keys sorted, as written there
     common = ["--dataset", sudoku3, "--global-batch-size", 4, "--no-bf16"]
 
-    rc, out, err = run_in_process(["--checkpoint", ckpt, "--outdir", tmp_path / "auto", *common], capsys)
+    rc, out, err = run_eval_only_in_process(["--checkpoint", ckpt, "--outdir", tmp_path / "auto", *common], capsys)
     assert rc == 0, out + err
-    used = read_report(tmp_path / "auto")["arch"]
+    used = read_eval_report(tmp_path / "auto")["arch"]
     assert {k: used[k] for k in fixture_arch(name) if k != "forward_dtype"} == \
            {k: v for k, v in arch.items() if k in fixture_arch(name) and k != "forward_dtype"}
     assert used["L_cycles"] == 4
@@ -160,20 +130,20 @@ def test_run_folder_all_config_sets_the_cycles(sudoku3, tmp_path, capsys):
 
     # The same weights without the run folder, every setting given on the command line.
     bare = place(name, tmp_path / "bare", "step_32550")
-    rc, out, err = run_in_process(["--checkpoint", bare, "--outdir", tmp_path / "explicit", *common,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", bare, "--outdir", tmp_path / "explicit", *common,
                                    *explicit_overrides(name, L_cycles=4, forward_dtype="float32")], capsys)
     assert rc == 0, out + err
     auto = torch.load(tmp_path / "auto" / "step_0_all_preds.0", weights_only=True)
     explicit = torch.load(tmp_path / "explicit" / "step_0_all_preds.0", weights_only=True)
     assert torch.equal(auto["preds"], explicit["preds"])
-    assert read_report(tmp_path / "auto")["metrics"] == read_report(tmp_path / "explicit")["metrics"]
+    assert read_eval_report(tmp_path / "auto")["metrics"] == read_eval_report(tmp_path / "explicit")["metrics"]
 
     # The cycle count matters for these weights: the default L_cycles 6 predicts otherwise.
-    rc, out, err = run_in_process(["--checkpoint", bare, "--outdir", tmp_path / "six", *common,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", bare, "--outdir", tmp_path / "six", *common,
                                    *explicit_overrides(name, L_cycles=6, forward_dtype="float32")], capsys)
     assert rc == 0, out + err
     six = torch.load(tmp_path / "six" / "step_0_all_preds.0", weights_only=True)
-    assert read_report(tmp_path / "six")["metrics"] != read_report(tmp_path / "auto")["metrics"] or \
+    assert read_eval_report(tmp_path / "six")["metrics"] != read_eval_report(tmp_path / "auto")["metrics"] or \
         not torch.equal(six["preds"], auto["preds"])
 
 
@@ -188,9 +158,9 @@ def test_run_folder_all_config_sets_the_cycles(sudoku3, tmp_path, capsys):
 ], ids=["hidden_size", "mlp_t", "L_layers"])
 def test_an_override_that_contradicts_the_weights_is_refused(sudoku3, tmp_path, capsys, override, fragments):
     ckpt = place("trm_mlpt_small", tmp_path)
-    rc, out, err = run_in_process(["--checkpoint", ckpt, "--dataset", sudoku3, "--global-batch-size", 4,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", ckpt, "--dataset", sudoku3, "--global-batch-size", 4,
                                    "--outdir", tmp_path / "out", override], capsys)
-    assert_one_error_line(rc, err, ckpt, "does not match the override", *fragments)
+    assert_refused(rc, err, ckpt, "does not match the override", *fragments)
     with pytest.raises(CheckpointError, match="does not match the override"):
         load_model_from_checkpoint(ckpt, dataset_metadata=load_metadata(sudoku3, "test"), overrides=[override])
 
@@ -213,11 +183,10 @@ TRAIN_ARCH = {"hidden_size": 32, "num_heads": 2, "expansion": 2, "H_cycles": 2, 
 def test_pretrain_checkpoint_evaluates_with_no_overrides(sudoku_dataset, tmp_path, capsys, variant):
     arch = dict(TRAIN_ARCH, **({"mlp_t": True, "pos_encodings": "none"} if variant == "mlp_t" else {}))
     run_dir = tmp_path / "run"
-    env = {k: v for k, v in ENV.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "pretrain.py", f"data_paths=[{sudoku_dataset}]", "evaluators=[]",
                            f"+checkpoint_path={run_dir}", "global_batch_size=32", "epochs=1", "eval_interval=1",
                            "lr_warmup_steps=1", *[f"arch.{k}={v}" for k, v in arch.items()]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [n for n in os.listdir(run_dir) if n.startswith("step_") and n[5:].isdigit()]
     assert len(steps) == 1
@@ -231,14 +200,14 @@ def test_pretrain_checkpoint_evaluates_with_no_overrides(sudoku_dataset, tmp_pat
 
     # The run folder's all_config.yaml is not what is read: the step file's own description wins.
     os.remove(run_dir / "all_config.yaml")
-    rc, out, err = run_in_process(["--checkpoint", weights, "--dataset", sudoku_dataset, "--global-batch-size", 8,
+    rc, out, err = run_eval_only_in_process(["--checkpoint", weights, "--dataset", sudoku_dataset, "--global-batch-size", 8,
                                    "--outdir", tmp_path / "eval"], capsys)
     assert rc == 0, out + err
-    used = read_report(tmp_path / "eval")["arch"]
+    used = read_eval_report(tmp_path / "eval")["arch"]
     assert {k: used[k] for k in arch} == arch
     assert f"Architecture (from {description_path(weights)})" in out
     assert "Not determinable" not in out
-    np.testing.assert_equal(read_report(tmp_path / "eval")["metrics"]["all"]["steps"], arch["halt_max_steps"])
+    np.testing.assert_equal(read_eval_report(tmp_path / "eval")["metrics"]["all"]["steps"], arch["halt_max_steps"])
 
 
 @pytest.mark.parametrize("arch_name", ["trm", "trm_mlp", "trm_singlez", "trm_hier6", "hrm", "transformers_baseline"])
@@ -283,9 +252,8 @@ def test_every_arch_file_round_trips_through_its_description(sudoku_dataset, tmp
 
 def test_fine_tuning_from_weights_of_another_width_is_one_line(sudoku_dataset, tmp_path):
     ckpt = place("trm_mlpt_small", tmp_path / "start")  # 64 wide
-    env = {k: v for k, v in ENV.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "pretrain.py", f"data_paths=[{sudoku_dataset}]", "evaluators=[]",
                            f"+checkpoint_path={tmp_path / 'run'}", f"+load_checkpoint={ckpt}", "global_batch_size=32",
                            "epochs=1", "eval_interval=1", *[f"arch.{k}={v}" for k, v in TRAIN_ARCH.items()]],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert_one_error_line(proc.returncode, proc.stderr, "load_checkpoint", "arch.hidden_size=32", "64 wide")
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert_refused(proc.returncode, proc.stderr, "load_checkpoint", "arch.hidden_size=32", "64 wide")

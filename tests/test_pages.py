@@ -10,9 +10,10 @@ import pytest
 
 from test_serve import start_server, stop  # noqa: E402  (tests/ is on sys.path under pytest)
 
+from tests.conftest import REPO
+
 playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: bash scripts/test.sh installs it")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = os.path.join(REPO, "visualizers")
 CHROMIUM = os.environ.get("TRM_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

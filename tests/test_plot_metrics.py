@@ -1,11 +1,10 @@
 """scripts/plot_metrics.py: metrics.jsonl -> an HTML page with one SVG plot per metric; one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def run(*args):

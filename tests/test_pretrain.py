@@ -4,7 +4,8 @@
   all_config.yaml, and the checkpoint evaluates with scripts/run_eval_only.py to the same accuracy;
 - torchrun with 2 gloo processes trains the same steps as one process with the same global batch;
 - micro_batch_size (gradient accumulation) trains the same steps as the full batch;
-- a bad config fails at start with one `error:` line and a non-zero exit.
+- a bad config fails at start with one `error:` line and a non-zero exit (checked in process, and once as a
+  real command).
 
 Metrics are read from <checkpoint_path>/metrics.jsonl (`metrics_jsonl=True`)."""
 
@@ -12,13 +13,14 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import (ENV, REPO, launch, one_error_line, read_eval_report, run_eval_only_in_process,
+                            run_pretrain_in_process)
+
 
 # A tiny TRM: 2 H-cycles x 2 L-cycles of a 2-layer, 32-wide network, 2 ACT steps, no exploration draws (so ranks
 # draw nothing of their own).
@@ -26,21 +28,14 @@ TINY_ARCH = ["arch.hidden_size=32", "arch.num_heads=2", "arch.expansion=2", "arc
              "arch.halt_max_steps=2", "arch.halt_exploration_prob=0"]
 NO_PUZZLE_EMB = ["arch.puzzle_emb_ndim=0", "arch.puzzle_emb_len=0"]
 SMALL_PUZZLE_EMB = ["arch.puzzle_emb_ndim=32", "arch.puzzle_emb_len=1"]  # exercises sign-SGD on the sparse table
-TORCHRUN_2 = ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--rdzv_backend=c10d",
-              "--rdzv_endpoint=localhost:0", "--nnodes=1"]
-
-
-def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(key, None)  # a single-process run must not think it is under torchrun
-    return e
+def arguments(data, checkpoint_path, *overrides):
+    return [f"data_paths=[{data}]", "evaluators=[]", f"+checkpoint_path={checkpoint_path}", "metrics_jsonl=True",
+            *overrides]
 
 
 def pretrain(data, checkpoint_path, *overrides, torchrun=False, timeout=300):
-    cmd = [sys.executable, *(TORCHRUN_2 if torchrun else []), "pretrain.py", f"data_paths=[{data}]", "evaluators=[]",
-           f"+checkpoint_path={checkpoint_path}", "metrics_jsonl=True", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    cmd = launch("pretrain.py", nproc=2 if torchrun else 1) + arguments(data, checkpoint_path, *overrides)
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def check_ok(result):
@@ -70,7 +65,7 @@ def checkpoints(checkpoint_path):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Learning, checkpoint files, eval-only runner
 
-def test_tiny_trm_learns_sudoku_and_checkpoint_evaluates(make_sudoku_dataset, tmp_path):
+def test_tiny_trm_learns_sudoku_and_checkpoint_evaluates(make_sudoku_dataset, tmp_path, capsys):
     # 0-2 blanks: a third of the boards need only copying, so exact accuracy can rise within ~125 CPU steps;
     # from random init it starts at 0 (every one of the 81 cells must be right).
     data = make_sudoku_dataset(1000, 200, 0, 2)
@@ -108,12 +103,10 @@ def test_tiny_trm_learns_sudoku_and_checkpoint_evaluates(make_sudoku_dataset, tm
 
     # The checkpoint through the eval-only runner: same weights, same data, same batch -> same metrics.
     outdir = tmp_path / "eval"
-    cmd = [sys.executable, "scripts/run_eval_only.py", "--checkpoint", steps[-1], "--dataset", data,
-           "--outdir", str(outdir), "--device", "cpu", "--global-batch-size", "32", *arch]
-    result = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    check_ok(result)
-    with open(outdir / "eval_report.json") as f:
-        report = json.load(f)
+    rc, _, err = run_eval_only_in_process(["--checkpoint", steps[-1], "--dataset", data, "--outdir", outdir,
+                                           "--device", "cpu", "--global-batch-size", "32", *arch], capsys)
+    assert rc == 0, err
+    report = read_eval_report(outdir)
     metrics = report["metrics"]["all"]
     assert metrics["exact_accuracy"] == pytest.approx(final_exact, abs=1e-6)
     assert metrics["accuracy"] == pytest.approx(evals[total_steps]["accuracy"], abs=1e-6)
@@ -177,8 +170,7 @@ def test_micro_batches_match_full_batch(sudoku_dataset, single_process_run, tmp_
 
 def assert_one_error_line(result, fragment):
     assert result.returncode != 0, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.stderr
+    one_error_line(result.stderr, fragment)
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -187,11 +179,12 @@ def assert_one_error_line(result, fragment):
     (["epochs=3", "eval_interval=2"], "epochs=3 must be a multiple of eval_interval=2"),
     (["global_batch_size=abc"], "global_batch_size"),
 ], ids=["unknown-key", "unknown-arch-field", "epochs-vs-eval-interval", "not-an-int"])
-def test_bad_config_fails_in_one_line(sudoku_dataset, tmp_path, overrides, fragment):
+def test_bad_config_fails_in_one_line(sudoku_dataset, tmp_path, capsys, overrides, fragment):
     ckpt = tmp_path / "ckpt"
-    result = pretrain(sudoku_dataset, ckpt, "global_batch_size=32", "epochs=2", "eval_interval=2", *TINY_ARCH,
-                      *overrides, timeout=120)
-    assert_one_error_line(result, fragment)
+    rc, _, err = run_pretrain_in_process(arguments(sudoku_dataset, ckpt, "global_batch_size=32", "epochs=2",
+                                                   "eval_interval=2", *TINY_ARCH, *overrides), capsys)
+    assert rc != 0, err
+    one_error_line(err, fragment)
     assert not ckpt.exists()  # failed before writing anything
 
 
@@ -202,14 +195,4 @@ def test_missing_data_path_fails_in_one_line(tmp_path):
     assert_one_error_line(result, str(missing))
     assert not ckpt.exists()
 
-
-def test_batch_not_divisible_by_world_size_fails_under_torchrun(sudoku_dataset, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    result = pretrain(sudoku_dataset, ckpt, "global_batch_size=33", "epochs=2", "eval_interval=2", *TINY_ARCH,
-                      torchrun=True, timeout=180)
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert errors and all("global_batch_size=33 is not divisible by the world size 2" in e for e in errors), \
-        result.stderr
-    assert 'pretrain.py", line' not in result.stderr  # torchrun reports the failed ranks; no traceback of ours
-    assert not ckpt.exists()
+# Under torchrun: tests/test_config_errors.py (the error printed once, no traceback, nothing written).

@@ -12,14 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+from tests.conftest import ENV, REPO, launch, one_error_line
+
 TOTAL_STEPS = 32  # 64 puzzles / batch 8 = 8 steps per epoch, 4 epochs
 TIMEOUT = 300
 
@@ -59,12 +58,8 @@ def inputs(data_dir, start_weights):
 
 
 def command(inputs, checkpoint_path, *extra, nproc=1):
-    launcher = [sys.executable, "pretrain.py"]
-    if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--nnodes=1",
-                    "--rdzv_backend=c10d", "--rdzv_endpoint=localhost:0", "pretrain.py"]
     data_dir, start_weights = inputs
-    return launcher + [f"data_paths=[{data_dir}]", *TINY, f"++load_checkpoint={start_weights}",
+    return launch("pretrain.py", nproc) + [f"data_paths=[{data_dir}]", *TINY, f"++load_checkpoint={start_weights}",
                        f"++checkpoint_path={checkpoint_path}", *extra]
 
 
@@ -192,11 +187,9 @@ def test_truncated_checkpoint_is_skipped_and_other_config_refused(inputs, refere
     assert_same_run(path, reference)  # steps 31-32 replayed, step_32 rewritten
 
     out = run(command(inputs, path, "++resume=true", "arch.hidden_size=64", "global_batch_size=16"), expect_rc=2)
-    errors = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: training state "), out.stderr
-    assert "incompatible config: arch.hidden_size (checkpoint 32, now 64)" in errors[0]
-    for key in ("arch.puzzle_emb_ndim", "global_batch_size (checkpoint 8, now 16)", "total_steps"):
-        assert key in errors[0]
+    error = one_error_line(out.stderr, "incompatible config: arch.hidden_size (checkpoint 32, now 64)",
+                           "arch.puzzle_emb_ndim", "global_batch_size (checkpoint 8, now 16)", "total_steps")
+    assert error.startswith("error: training state "), out.stderr
 
 
 def test_torchrun_sigterm_then_resume_is_exact(inputs, tmp_path):

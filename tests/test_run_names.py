@@ -10,14 +10,13 @@ import pytest
 import torch
 
 import pretrain
+from tests.conftest import ENV, REPO, one_error_line, run_pretrain_in_process
 from training import train_state
 from training.config import SHELL_SAFE, compose_config
 from utils.distributed import DistInfo
 from utils.errors import ConfigError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = os.path.join(REPO, "config", "cfg_pretrain.yaml")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
 ONE_PROCESS = DistInfo(0, 1, 0, torch.device("cpu"), None)
 TINY = ["evaluators=[]", "global_batch_size=8", "epochs=1", "eval_interval=1", "arch.hidden_size=16",
         "arch.num_heads=2", "arch.L_layers=1", "arch.H_cycles=1", "arch.L_cycles=1", "arch.halt_max_steps=2",
@@ -60,15 +59,13 @@ def test_empty_or_new_folder_is_accepted(tmp_path):
                                         ONE_PROCESS)
 
 
-def test_rerun_with_the_same_name_is_refused_in_one_line(sudoku_dataset, tmp_path):
-    cmd = [sys.executable, "pretrain.py", f"data_paths=[{sudoku_dataset}]", *TINY,
-           f"++checkpoint_path={tmp_path / 'run'}"]
-    first = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+def test_rerun_with_the_same_name_is_refused_in_one_line(sudoku_dataset, tmp_path, capsys):
+    args = [f"data_paths=[{sudoku_dataset}]", *TINY, f"++checkpoint_path={tmp_path / 'run'}"]
+    first = subprocess.run([sys.executable, "pretrain.py", *args], cwd=REPO, env=ENV, capture_output=True, text=True,
+                           timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     before = sorted(os.listdir(tmp_path / "run"))
-    again = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2
-    lines = again.stderr.strip().splitlines()
-    assert len(lines) == 1 and "already holds a run's checkpoints" in lines[0] and "+resume=true" in lines[0], \
-        again.stderr
+    rc, _, err = run_pretrain_in_process(args, capsys)  # the same command again (in process: it stops at start)
+    assert rc == 2
+    one_error_line(err, "already holds a run's checkpoints", "+resume=true")
     assert sorted(os.listdir(tmp_path / "run")) == before  # nothing written

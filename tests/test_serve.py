@@ -21,7 +21,7 @@ pytest.importorskip("uvicorn", reason="uvicorn is in requirements.txt: run scrip
 
 from inference import recording, serving  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO, one_error_line
 
 
 def free_port() -> int:
@@ -156,8 +156,7 @@ def test_server_refuses_a_checkpoint_of_another_task(trained_sudoku, trained_maz
            trained_maze["dataset"], "--device", "cpu", *trained_sudoku["overrides"]]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "vocabulary" in lines[0]
+    one_error_line(result.stderr, "vocabulary")
 
 
 def test_arc_identifiers(tmp_path):

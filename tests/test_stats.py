@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
+from tests.conftest import REPO
 from utils.stats import format_wilson_line, wilson_interval, z_for_confidence
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ import pytest
 from dataset import build_sudoku_dataset as builder
 from dataset.common import write_source_csv
 from dataset.generate_sudoku import generate
+from tests.conftest import REPO, load_split, one_error_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN, NUM_TEST = 12, 5
 
 
@@ -38,14 +38,6 @@ def build(source_dir, output_dir, *flags):
     builder.main(builder.parse_args(["--source-dir", str(source_dir), "--output-dir", str(output_dir), *flags]))
 
 
-def load(output_dir, split):
-    d = os.path.join(output_dir, split)
-    arrays = {f: np.load(os.path.join(d, f"all__{f}.npy"))
-              for f in ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")}
-    with open(os.path.join(d, "dataset.json")) as f:
-        return json.load(f), arrays
-
-
 def csv_digits(path):
     rows = [line.rstrip("\n").split(",") for line in open(path)][1:]
     q = np.array([[0 if c == "." else int(c) for c in r[1]] for r in rows], dtype=np.uint8)
@@ -67,7 +59,7 @@ def augmented(source_dir, tmp_path_factory):
 
 
 def test_augmented_train_split(source_dir, augmented):
-    meta, arr = load(augmented, "train")
+    meta, arr = load_split(augmented, "train")
     assert meta == {"pad_id": 0, "ignore_label_id": 0, "blank_identifier_id": 0, "vocab_size": 11, "seq_len": 81,
                     "num_puzzle_identifiers": 1, "total_groups": 8, "mean_puzzle_examples": 1.0,
                     "total_puzzles": 8, "sets": ["all"]}
@@ -98,7 +90,7 @@ def test_augmented_train_split(source_dir, augmented):
 
 
 def test_test_split_unaugmented(source_dir, augmented):
-    meta, arr = load(augmented, "test")
+    meta, arr = load_split(augmented, "test")
     assert (meta["total_groups"], meta["total_puzzles"], meta["vocab_size"]) == (NUM_TEST, NUM_TEST, 11)
     questions, answers, _ = csv_digits(source_dir / "test.csv")
     np.testing.assert_array_equal(arr["inputs"], questions + 1)
@@ -122,7 +114,7 @@ def test_min_difficulty_filters_both_splits(source_dir, tmp_path):
     build(source_dir, tmp_path / "hard", "--min-difficulty", "2")
     for split in ("train", "test"):
         questions, _, ratings = csv_digits(source_dir / f"{split}.csv")
-        _, arr = load(tmp_path / "hard", split)
+        _, arr = load_split(tmp_path / "hard", split)
         np.testing.assert_array_equal(arr["inputs"], questions[np.array(ratings) >= 2] + 1)
 
 
@@ -146,10 +138,7 @@ def run_builder(*flags, env=None):
 
 def assert_one_line_failure(result, *fragments):
     assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
+    one_error_line(result.stderr, *fragments)
 
 
 @pytest.mark.parametrize("column, value, problem", [

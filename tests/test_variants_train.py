@@ -3,14 +3,13 @@ checkpoint evaluates through scripts/run_eval_only.py to the metrics of the run'
 training step includes its target-Q pass (q_continue_loss is logged); EMA and gradient accumulation are
 exercised on one variant each, exact resume on HRM."""
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from test_pretrain import REPO, check_ok, checkpoints, env, pretrain, read_metrics
+from tests.conftest import read_eval_report, run_eval_only_in_process
+from test_pretrain import check_ok, checkpoints, pretrain, read_metrics
 
 SMALL = ["arch.hidden_size=32", "arch.num_heads=2", "arch.expansion=2", "arch.halt_max_steps=2",
          "arch.halt_exploration_prob=0", "arch.puzzle_emb_ndim=32"]
@@ -24,7 +23,7 @@ STEPS = 24  # 6 epochs of 128 puzzles in batches of 32
 
 
 @pytest.mark.parametrize("arch", sorted(VARIANTS))
-def test_variant_trains_and_its_checkpoint_evaluates(arch, sudoku_dataset, tmp_path):
+def test_variant_trains_and_its_checkpoint_evaluates(arch, sudoku_dataset, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     arch_args = [f"arch={arch}", *SMALL, *VARIANTS[arch]]
     check_ok(pretrain(sudoku_dataset, ckpt, "global_batch_size=32", "epochs=6", "eval_interval=6", "lr=3e-3",
@@ -40,11 +39,10 @@ def test_variant_trains_and_its_checkpoint_evaluates(arch, sudoku_dataset, tmp_p
     [final] = checkpoints(ckpt)
     assert os.path.basename(final) == f"step_{STEPS}"
     outdir = tmp_path / "eval"
-    cmd = [sys.executable, "scripts/run_eval_only.py", "--checkpoint", final, "--dataset", sudoku_dataset,
-           "--outdir", str(outdir), "--device", "cpu", "--global-batch-size", "32", *arch_args]
-    check_ok(subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300))
-    with open(outdir / "eval_report.json") as f:
-        metrics = json.load(f)["metrics"]["all"]
+    rc, _, err = run_eval_only_in_process(["--checkpoint", final, "--dataset", sudoku_dataset, "--outdir", outdir,
+                                           "--device", "cpu", "--global-batch-size", "32", *arch_args], capsys)
+    assert rc == 0, err
+    metrics = read_eval_report(outdir)["metrics"]["all"]
     for key in ("accuracy", "exact_accuracy", "lm_loss"):
         assert metrics[key] == pytest.approx(evals[STEPS][key], rel=1e-5, abs=1e-6), key
 

@@ -14,8 +14,7 @@ import torch
 
 from dataset.common import PuzzleDatasetMetadata
 from inference import recording
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.conftest import REPO
 
 
 def metadata(vocab, seq_len, ids=1):
