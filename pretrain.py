@@ -15,7 +15,6 @@ finishes its current step, saves a training state and exits with code 128 + the 
 second signal stops it at once."""
 
 import copy
-import dataclasses
 import os
 import shutil
 import sys
@@ -137,17 +136,6 @@ def compile_model(model: torch.nn.Module, config: PretrainConfig) -> torch.nn.Mo
     return torch.compile(model, mode=config.compile_mode)
 
 
-def _clone_tensors(obj):
-    """A copy of a carry (dataclasses and dicts of tensors) with every tensor cloned."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if dataclasses.is_dataclass(obj):
-        return type(obj)(**{f.name: _clone_tensors(getattr(obj, f.name)) for f in dataclasses.fields(obj)})
-    if isinstance(obj, dict):
-        return {k: _clone_tensors(v) for k, v in obj.items()}
-    return obj
-
-
 def save_code_and_config(config: PretrainConfig) -> None:
     """Beside the checkpoints: the model and loss source files and the composed config (all_config.yaml)."""
     os.makedirs(config.checkpoint_path, exist_ok=True)
@@ -184,7 +172,7 @@ def train_batch(config: PretrainConfig, state: TrainState, batch: dict, global_b
                                                                generator=state.act_generator)
         if cuda_graphs:
             # A CUDA graph's outputs live in its memory pool, which the next replay overwrites.
-            state.carries[slot] = _clone_tensors(state.carries[slot])
+            state.carries[slot] = train_state.map_carry(torch.clone, state.carries[slot])
         (loss / global_batch_size).backward()
         if len(state.carries) > 1:
             for opt in state.optimizers:

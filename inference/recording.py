@@ -14,6 +14,7 @@ from dataset.common import IGNORE_LABEL_ID, PuzzleDatasetMetadata
 from evaluators.arc import crop_grid
 from training.checkpoint import unwrap
 from utils.atomic import atomic_write_text
+from utils.errors import InputError
 
 VISUALIZER_JSON = "visualizer.json"  # written by scripts/run_eval_only.py beside step_0_all_preds.<rank>
 JSON_FORMAT = "trm-act-steps"
@@ -24,7 +25,7 @@ ARC_PAD, ARC_EOS, ARC_COLOUR_OFFSET, ARC_SIDE = 0, 1, 2, 30
 MAZE_INPUT_TOKENS = (1, 2, 3, 4)  # wall, open, start, goal (5 = path, only in labels and predictions)
 
 
-class GridError(ValueError):
+class GridError(InputError):
     """A grid or request the model cannot take; the message says what is wrong and what is expected."""
 
 

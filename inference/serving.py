@@ -18,6 +18,7 @@ from inference import recording
 from inference.model_loader import load_model_from_checkpoint
 from puzzle_dataset import load_metadata
 from training.config import compose_config
+from utils.errors import ConfigError, InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml")
@@ -27,7 +28,7 @@ SCRIPT = "trm_viz.js"  # shared by the pages
 PAGES = ("sudoku_visualizer.html", "maze_visualizer.html", "arc_visualizer.html", "unified_visualizer.html")
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request that cannot be answered; `status` is the HTTP code (400 bad input, 404 unknown, 422 wrong task)."""
 
     def __init__(self, status: int, message: str):
@@ -57,7 +58,7 @@ def load_for_inference(checkpoint: str, dataset: str, overrides: Sequence[str] =
     task = recording.task_kind(metadata)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device} asked for, but torch sees no CUDA device; use --device cpu")
+        raise ConfigError(f"device={device} asked for, but torch sees no CUDA device; use --device cpu")
     torch.manual_seed(config.seed)
     loaded = load_model_from_checkpoint(checkpoint, dataset_metadata=metadata, overrides=overrides, device=dev,
                                         batch_size=1, config=config, config_file=config_file)

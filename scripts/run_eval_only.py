@@ -26,15 +26,15 @@ import torch  # noqa: E402
 from inference import recording  # noqa: E402
 from inference.model_loader import load_model_from_checkpoint  # noqa: E402
 from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig, create_dataloader  # noqa: E402
-from training.checkpoint import CheckpointError, load_model_state, read_state_dict, unwrap  # noqa: E402
+from training.checkpoint import load_model_state, read_state_dict, unwrap  # noqa: E402
 import training.config  # noqa: E402
 from training.config import check_batch_divides  # noqa: E402
 from training.evaluation import evaluate  # noqa: E402
 from utils import distributed  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
+from utils.errors import ConfigError, InputError, MissingInputError  # noqa: E402
 from utils.functions import load_model_class  # noqa: E402
-from utils.hub import HubUnreachableError, resolve_checkpoint  # noqa: E402
+from utils.hub import resolve_checkpoint  # noqa: E402
 from utils.stats import format_wilson_line, wilson_interval  # noqa: E402
 
 
@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         local_batch = check_batch_divides(config.global_batch_size, dist_info.world_size, None)
         test_json = os.path.join(args.dataset, "test", "dataset.json")
         if not os.path.isfile(test_json):
-            raise FileNotFoundError(f"{test_json} not found: --dataset must be a folder written by a dataset builder")
+            raise MissingInputError(f"{test_json} not found: --dataset must be a folder written by a dataset builder")
         eval_loader, eval_metadata = create_dataloader(PuzzleDatasetConfig(
             seed=config.seed, dataset_paths=[args.dataset], global_batch_size=config.global_batch_size,
             test_set_mode=True, epochs_per_iter=1, rank=dist_info.rank, num_replicas=dist_info.world_size), split="test")
@@ -170,12 +170,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             record_rows = recording.parse_rows(args.record_puzzles)
             bad = [r for r in record_rows if not 0 <= r < num_test_rows]
             if bad:
-                raise ValueError(f"--record-puzzles {bad[0]} is out of range: the test split has {num_test_rows} "
+                raise ConfigError(f"--record-puzzles {bad[0]} is out of range: the test split has {num_test_rows} "
                                  f"examples (0..{num_test_rows - 1})")
         evaluators = [load_model_class(spec.name, "evaluators.")(data_path=args.dataset, eval_metadata=eval_metadata,
                                                                  **(spec.model_extra or {}))
                       for spec in config.evaluators]
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, HubUnreachableError) as e:
+    except (InputError, FileNotFoundError) as e:  # bad input: one line; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         distributed.cleanup()
         return 2

@@ -20,9 +20,7 @@ sys.path.insert(0, REPO_ROOT)  # run from anywhere, as `python scripts/serve.py`
 
 from inference import recording, serving  # noqa: E402
 from inference.serving import PAGES, PAGES_DIR, SCRIPT  # noqa: E402
-from training.checkpoint import CheckpointError  # noqa: E402
-from utils.errors import ConfigError  # noqa: E402
-from utils.hub import HubUnreachableError  # noqa: E402
+from utils.errors import InputError  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -123,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                             config_file=args.config)
         if args.outputs is not None:
             serving.SavedOutputs(args.outputs, loaded.task)  # fail at start, not at the first request
-    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, HubUnreachableError) as e:
+    except (InputError, FileNotFoundError) as e:  # bad input: one line; anything else is a bug
         print(f"error: {e}", file=sys.stderr)
         return 2
     import uvicorn

@@ -121,12 +121,12 @@ def test_compile_memory_budget_reaches_the_compiler_and_is_range_checked():
 
 def test_carry_clone_for_cuda_graphs_copies_every_tensor():
     # In compile_mode=reduce-overhead the carry is cloned after each step (the next graph replay overwrites it).
-    import pretrain
+    from training.train_state import map_carry
 
     model = TinyRecursiveReasoningModel_ACTV1(small_config())
     batch = make_batch()
     carry, _ = model(model.initial_carry(batch), batch)
-    copy = pretrain._clone_tensors(carry)
+    copy = map_carry(torch.clone, carry)
     assert type(copy) is type(carry) and type(copy.inner_carry) is type(carry.inner_carry)
     pairs = [(copy.steps, carry.steps), (copy.halted, carry.halted), (copy.inner_carry.z_H, carry.inner_carry.z_H),
              (copy.inner_carry.z_L, carry.inner_carry.z_L)] + [(copy.current_data[k], v) for k, v in carry.current_data.items()]

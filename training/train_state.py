@@ -139,17 +139,24 @@ def act_generator(seed: int, rank: int, device: torch.device) -> torch.Generator
     return torch.Generator(device=device).manual_seed(int(derived))
 
 
-def carry_to_plain(carry: Any) -> Any:
-    """An ACT carry (dataclasses, dicts, tensors) as nested dicts of CPU tensors, loadable with weights_only."""
+def map_carry(fn: Callable[[torch.Tensor], torch.Tensor], carry: Any, as_dicts: bool = False) -> Any:
+    """`fn` applied to every tensor of an ACT carry (dataclasses, dicts, tensors; None stays None), keeping its
+    classes, or as nested dicts with `as_dicts`."""
     if carry is None:
         return None
     if dataclasses.is_dataclass(carry):
-        return {f.name: carry_to_plain(getattr(carry, f.name)) for f in dataclasses.fields(carry)}
+        fields = {f.name: map_carry(fn, getattr(carry, f.name), as_dicts) for f in dataclasses.fields(carry)}
+        return fields if as_dicts else type(carry)(**fields)
     if isinstance(carry, dict):
-        return {k: carry_to_plain(v) for k, v in carry.items()}
+        return {k: map_carry(fn, v, as_dicts) for k, v in carry.items()}
     if isinstance(carry, torch.Tensor):
-        return carry.detach().cpu()
-    raise TypeError(f"cannot save a carry holding {type(carry).__name__}")
+        return fn(carry)
+    raise TypeError(f"cannot map a carry holding {type(carry).__name__}")
+
+
+def carry_to_plain(carry: Any) -> Any:
+    """An ACT carry as nested dicts of CPU tensors, loadable with weights_only."""
+    return map_carry(lambda t: t.detach().cpu(), carry, as_dicts=True)
 
 
 def carry_from_plain(plain: Any, model: torch.nn.Module, device: torch.device) -> Any:
