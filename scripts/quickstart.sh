@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: set up .venv, generate an offline Sudoku dataset, train a small TRM on it (CPU, or the GPU if
-# there is one), evaluate it on held-out puzzles. Re-running reuses the environment, the dataset and a
-# finished checkpoint (delete checkpoints/quickstart to train again).
+# there is one), evaluate it on held-out puzzles. Re-running reuses the environment, the dataset and the training
+# (a finished one, or an interrupted one it continues; delete checkpoints/quickstart to train again).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -31,13 +31,14 @@ if [ ! -f "$DATA/test/dataset.json" ] || [ "$(cat "$DATA/.source" 2>/dev/null)" 
     rm -rf "$RUN_DIR"  # a checkpoint trained on other data is stale
 fi
 
-checkpoint=$(ls -1 "$RUN_DIR"/step_* 2>/dev/null | grep -v _all_preds | sort -t_ -k2 -n | tail -n 1 || true)
-if [ -z "$checkpoint" ]; then
-    echo "== Training (config/cfg_quickstart.yaml)"
-    $PY pretrain.py --config-name cfg_quickstart data_paths="[$DATA]" +run_name=quickstart +checkpoint_path="$RUN_DIR" \
-        metrics_jsonl=True
-    checkpoint=$(ls -1 "$RUN_DIR"/step_* | grep -v _all_preds | sort -t_ -k2 -n | tail -n 1)
-fi
+newest_checkpoint() {  # the run's step_<N> weights file with the highest N (not its .config.yaml), or nothing
+    ls -1 "$RUN_DIR" 2>/dev/null | grep -E '^step_[0-9]+$' | sort -t_ -k2 -n | tail -n 1 | sed "s|^|$RUN_DIR/|" || true
+}
+# +resume=true: a re-run continues an interrupted training from its last saved state; a finished one ends at once.
+echo "== Training (config/cfg_quickstart.yaml)"
+$PY pretrain.py --config-name cfg_quickstart data_paths="[$DATA]" +run_name=quickstart +checkpoint_path="$RUN_DIR" \
+    metrics_jsonl=True +resume=true
+checkpoint=$(newest_checkpoint)
 
 echo "== Evaluating $checkpoint on $NUM_TEST held-out puzzles (16 ACT steps)"
 $PY scripts/run_eval_only.py --config config/cfg_quickstart.yaml --checkpoint "$checkpoint" --dataset "$DATA" \
