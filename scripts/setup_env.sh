@@ -13,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 
-stamp=".venv/.installed-$("$VPY" -c 'import hashlib,sys; print(hashlib.sha1(open("requirements.txt","rb").read()+sys.argv[1].encode()).hexdigest()[:12])' "${1:-}")"
+# The stamp names what was installed: the requirements, this script (its package lists) and the extra.
+stamp=".venv/.installed-$("$VPY" -c 'import hashlib,sys; print(hashlib.sha1(open("requirements.txt","rb").read()+open(sys.argv[2],"rb").read()+sys.argv[1].encode()).hexdigest()[:12])' "${1:-}" "${BASH_SOURCE[0]}")"
 if [ -f "$stamp" ]; then
     exit 0
 fi
@@ -39,7 +40,7 @@ echo "Installing requirements"
 if [ "${1:-}" = "test" ]; then
     # Test-only: the browser tests drive Chromium through Playwright's Python client (the browser is the
     # system's chromium, which .ci/run installs; Playwright's own browser download is not used).
-    "$VPY" -m pip install -q pytest playwright
+    "$VPY" -m pip install -q pytest pytest-xdist playwright
     # Optional: with the modal client the tests also check infra/modal_app.py's Modal functions.
     "$VPY" -m pip install -q modal || echo "modal could not be installed: tests check infra/modal_app.py without it"
 fi
