@@ -140,7 +140,6 @@ def write_visualizer_json(model, args, metadata, dist_info, rows: List[int]) -> 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("DISABLE_COMPILE", "1")
     torch.backends.cuda.matmul.allow_tf32 = False  # strict IEEE fp32 matmuls where fp32 is used
     torch.backends.cudnn.allow_tf32 = False
 

@@ -115,7 +115,6 @@ def create_app(loaded: serving.ServingModel, outputs_dir: Optional[str] = None):
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("DISABLE_COMPILE", "1")
     try:
         loaded = serving.load_for_inference(args.checkpoint, args.dataset, args.overrides, device=args.device,
                                             config_file=args.config)
