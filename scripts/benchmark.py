@@ -34,12 +34,20 @@ from utils import distributed  # noqa: E402
 from utils.atomic import atomic_write_text  # noqa: E402
 
 
+def synthetic_metadata(seq_len: int, vocab_size: int, num_puzzle_identifiers: int = 1) -> PuzzleDatasetMetadata:
+    """A task of this shape with no files behind it (for `synthetic_batches`)."""
+    return PuzzleDatasetMetadata(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=vocab_size,
+                                 seq_len=seq_len, num_puzzle_identifiers=num_puzzle_identifiers, total_groups=10**6,
+                                 mean_puzzle_examples=1.0, total_puzzles=10**6, sets=["all"])
+
+
 def synthetic_batches(metadata: PuzzleDatasetMetadata, batch_size: int, seed: int):
+    """Endless (set, batch, global batch size) triples as the loader yields them, random tokens and puzzle ids."""
     gen = torch.Generator().manual_seed(seed)
     while True:
         inputs = torch.randint(1, metadata.vocab_size, (batch_size, metadata.seq_len), generator=gen, dtype=torch.int32)
         labels = torch.randint(2, metadata.vocab_size, (batch_size, metadata.seq_len), generator=gen, dtype=torch.int32)
-        ids = torch.zeros(batch_size, dtype=torch.int32)
+        ids = torch.randint(0, metadata.num_puzzle_identifiers, (batch_size,), generator=gen, dtype=torch.int32)
         yield "all", {"inputs": inputs, "labels": labels, "puzzle_identifiers": ids}, batch_size
 
 
@@ -110,9 +118,7 @@ def main(argv=None) -> dict:
         loader, metadata = pretrain.create_loader(config, "train", [args.dataset], dist_info, epochs_per_iter=10**6)
         batches = iter(loader)
     else:
-        metadata = PuzzleDatasetMetadata(pad_id=0, ignore_label_id=0, blank_identifier_id=0, vocab_size=args.vocab_size,
-                                         seq_len=args.seq_len, num_puzzle_identifiers=1, total_groups=10**6,
-                                         mean_puzzle_examples=1.0, total_puzzles=10**6, sets=["all"])
+        metadata = synthetic_metadata(args.seq_len, args.vocab_size)
         batches = synthetic_batches(metadata, config.global_batch_size, config.seed)
     estimate = memory.estimate_step_memory(config, metadata, dist_info.world_size, device.type,
                                            pretrain.compiles(config, dist_info))

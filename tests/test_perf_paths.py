@@ -2,6 +2,8 @@
 same outputs, loss, gradients and optimizer state after a step as the plain path; the opt-in eval early exit
 stops once every real row halts, whatever the padding rows' halting heads say."""
 
+import os
+
 import pytest
 import torch
 
@@ -51,6 +53,26 @@ def test_recompute_matches_plain_path(variant):
             torch.testing.assert_close(a[4][i][key], b[4][i][key], rtol=1e-6, atol=1e-7)
     for name in a[5]:
         torch.testing.assert_close(a[5][name], b[5][name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_parity_script_on_cpu():
+    """scripts/perf_parity.py (the device parity record) runs on CPU: recompute against eager through pretrain.py's
+    own train step differs by nothing, and the compiled paths say why they were skipped."""
+    import sys
+    from tests.conftest import REPO
+    from tests.test_benchmark import TINY
+
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import perf_parity
+
+    result = perf_parity.main(["--batch", "4", "--seq-len", "9", "--vocab-size", "5", "--steps", "2", *TINY])
+    diffs = result["eager_recompute"]["vs_eager"]
+    for key in ("loss", "metrics", "z_H", "z_L", "logits", "grads", "adam_state", "puzzle_emb_grad",
+                "puzzle_emb_table", "weights"):
+        assert diffs[key] <= 1e-6, (key, diffs)
+    assert result["forward_dtype"] == "float32"
+    for name in ("compiled", "compiled_memory_budget", "compiled_reduce_overhead", "evaluation"):
+        assert result[name]["note"].startswith("skipped"), name
 
 
 def eval_steps(model, batch, q_halt):
