@@ -295,6 +295,8 @@ class PuzzleDataset(IterableDataset):
                                               data["puzzle_identifiers"][puzzles]), G
 
     def _iter_test(self) -> Iterator[Tuple[str, Batch, int]]:
+        # Each yield's third item is the window's real rows across all ranks; `local_real_rows` turns it into
+        # this rank's leading real rows (the rest are padding).
         G, B, rank = self.config.global_batch_size, self.local_batch_size, self.config.rank
         for set_name in self.metadata.sets:
             data = self._data[set_name]
@@ -320,6 +322,12 @@ class PuzzleDataset(IterableDataset):
             puzzle_identifiers = np.pad(puzzle_identifiers, (0, pad), constant_values=self.metadata.blank_identifier_id)
         return {"inputs": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
                 "puzzle_identifiers": torch.from_numpy(puzzle_identifiers)}
+
+
+def local_real_rows(global_rows: int, rank: int, local_batch_size: int) -> int:
+    """How many leading rows of a rank's batch hold puzzles, given the batch's global count of real rows (the
+    loader's third item): ranks take consecutive slices of the global batch and only its tail is padding."""
+    return max(0, min(local_batch_size, global_rows - rank * local_batch_size))
 
 
 def _init_worker(parent_pid: int, _worker_id: int) -> None:

@@ -51,6 +51,10 @@ LOSS_FUNCTIONS = {"stablemax_cross_entropy": stablemax_cross_entropy, "softmax_c
 assert set(get_args(LossType)) == set(LOSS_FUNCTIONS)
 
 
+# Per-row [B] values of lm_loss and q_halt_loss, returned as outputs when return_keys asks for the first.
+ROW_LOSS_KEYS = ("lm_loss_rows", "q_halt_loss_rows")
+
+
 class ACTLossHead(nn.Module):
     """Wraps an ACT model (attribute `model`, part of the checkpoint keys) and turns one ACT step into losses.
 
@@ -96,9 +100,15 @@ class ACTLossHead(nn.Module):
                 "steps": torch.where(valid_metrics, new_carry.steps, 0).sum(),
             }
 
-        lm_loss = (self.loss_fn(outputs["logits"], labels, ignore_index=IGNORE_LABEL_ID, valid_mask=mask) / loss_divisor).sum()
-        q_halt_loss = F.binary_cross_entropy_with_logits(outputs["q_halt_logits"],
-                                                         seq_is_correct.to(outputs["q_halt_logits"].dtype), reduction="sum")
+        row_token_losses = self.loss_fn(outputs["logits"], labels, ignore_index=IGNORE_LABEL_ID, valid_mask=mask) / loss_divisor
+        lm_loss = row_token_losses.sum()
+        q_halt_target = seq_is_correct.to(outputs["q_halt_logits"].dtype)
+        q_halt_loss = F.binary_cross_entropy_with_logits(outputs["q_halt_logits"], q_halt_target, reduction="sum")
+        if ROW_LOSS_KEYS[0] in return_keys:  # evaluation with early exit scores each row at its own halting step
+            with torch.no_grad():
+                outputs[ROW_LOSS_KEYS[0]] = row_token_losses.sum(-1)
+                outputs[ROW_LOSS_KEYS[1]] = F.binary_cross_entropy_with_logits(
+                    outputs["q_halt_logits"], q_halt_target, reduction="none")
         metrics["lm_loss"] = lm_loss.detach()
         metrics["q_halt_loss"] = q_halt_loss.detach()
 

@@ -59,7 +59,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--one-batch", action="store_true",
                    help="evaluate one batch drawn like a training batch (seed + 1) from the test split")
     p.add_argument("--early-exit", action="store_true",
-                   help="stop a batch once every row's halting head says halt; reports the mean ACT steps")
+                   help="each puzzle stops when its halting head says halt and its batch slot takes the next "
+                        "puzzle; reports the mean ACT steps")
     p.add_argument("--record-puzzles", default=None,
                    help="test example indices (e.g. 0,3,5-7; 'none' to skip; default: the first 8) whose every ACT "
                         "step is recorded, with sigmoid(q_halt), into <outdir>/visualizer.json for the visualizer pages")

@@ -524,6 +524,47 @@ def test_early_exit_stops_when_every_row_halts(sudoku, copy_model, tmp_path, cap
     assert normal["steps"] == TINY["halt_max_steps"]
 
 
+def test_early_exit_scores_each_row_at_its_own_halting_step(sudoku, tmp_path, capsys):
+    """With q_halt near 0 the rows halt at different steps. Each row must leave with the prediction of the first
+    step its head said halt (the last step if never), whatever slot and batch it ran in: the same as running every
+    row for all steps and reading that step (inference.recording's trace). Global batch 5 over 12 puzzles also
+    makes the loader pad the last batch; padding rows must not be scored, saved or waited for."""
+    from inference.recording import trace_act_steps
+    from puzzle_dataset import PuzzleDataset, PuzzleDatasetConfig
+
+    model = make_copy_model(tiny_model(load_metadata(sudoku, "test")), q_bias=0.0)
+    whole = PuzzleDataset(PuzzleDatasetConfig(seed=0, dataset_paths=[sudoku], global_batch_size=NUM_TEST,
+                                              test_set_mode=True, epochs_per_iter=1, rank=0, num_replicas=1), "test")
+    (_, batch, _), = list(whole)
+    # The bias only shifts q_halt: centre it on the median logit of the steps before the last.
+    with torch.no_grad():
+        model.model.inner.q_head.bias[0] = -trace_act_steps(model, batch)["q_halt_logits"][:-1].median()
+    ckpt = save_reference_format(model, tmp_path / "step_7")
+    trace = trace_act_steps(model, batch)
+    halts = trace["q_halt_logits"] > 0  # [steps, rows]
+    halts[-1] = True
+    exit_step = halts.float().argmax(0)  # first step that says halt, per row
+    rows = torch.arange(NUM_TEST)
+    preds = trace["preds"][exit_step, rows]
+    assert len(set(exit_step.tolist())) > 1, "the test needs rows that halt at different steps"
+
+    rc, out, err = run_eval_only_in_process(["--checkpoint", ckpt, "--dataset", sudoku, "--outdir", tmp_path / "out",
+                                             "--global-batch-size", 5, "--early-exit", *OVERRIDES], capsys)
+    assert rc == 0, out + err
+    report = read_eval_report(tmp_path / "out")
+    metrics = report["metrics"]["all"]
+    assert report["counts"]["all"] == {"count": NUM_TEST, "tokens": NUM_TEST * 81}
+    assert metrics["steps"] == pytest.approx((exit_step + 1).float().mean().item())
+    assert metrics["exact_accuracy"] == pytest.approx((preds == batch["labels"]).all(-1).float().mean().item())
+
+    saved = torch.load(tmp_path / "out" / "step_0_all_preds.0", weights_only=True)
+    assert len(saved["inputs"]) == NUM_TEST  # every puzzle once, no padding rows
+    by_input = {tuple(x.tolist()): p for x, p in zip(saved["inputs"], saved["preds"])}
+    assert len(by_input) == NUM_TEST
+    for x, p in zip(batch["inputs"], preds):
+        assert torch.equal(by_input[tuple(x.tolist())], p)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. torchrun, 2 CPU processes
 

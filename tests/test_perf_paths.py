@@ -1,13 +1,13 @@
 """The speed and memory switches compute the same function: activation recomputation (arch `recompute`) gives the
-same outputs, loss, gradients and optimizer state after a step as the plain path; the opt-in eval early exit
-stops once every real row halts, whatever the padding rows' halting heads say."""
+same outputs, loss, gradients and optimizer state after a step as the plain path; with the opt-in eval early exit
+each row halts on its own head."""
 
 import os
 
 import pytest
 import torch
 
-from models.losses import IGNORE_LABEL_ID, ACTLossHead
+from models.losses import ACTLossHead
 from models.optimizers import AdamATan2
 from models.recursive_reasoning.trm import TinyRecursiveReasoningModel_ACTV1
 from tests.trm_small import make_batch, small_config
@@ -75,10 +75,10 @@ def test_parity_script_on_cpu():
         assert result[name]["note"].startswith("skipped"), name
 
 
-def eval_steps(model, batch, q_halt):
-    """ACT steps an eval batch takes with early exit on, each row's q_halt logit forced to `q_halt`."""
+def halted_after_first_eval_step(model, batch, q_halt, early_exit):
+    """carry.halted after one eval ACT step with each row's q_halt logit forced to `q_halt`."""
     act = model.model
-    act.eval_early_exit = True
+    act.eval_early_exit = early_exit
     real_forward = act.inner.forward
 
     def forced(carry, data):
@@ -87,23 +87,17 @@ def eval_steps(model, batch, q_halt):
 
     act.inner.forward = forced
     model.eval()
-    carry, steps = model.initial_carry(batch), 0
     with torch.inference_mode():
-        while True:
-            carry, _, _, _, all_halted = model(return_keys=(), carry=carry, batch=batch)
-            steps += 1
-            if all_halted:
-                return steps
+        carry, _, _, _, _ = model(return_keys=(), carry=model.initial_carry(batch), batch=batch)
+    return carry.halted.tolist()
 
 
-def test_early_exit_ignores_padding_rows():
-    model = loss_head(halt_max_steps=4)
-    batch = make_batch()
-    batch["labels"][-1] = IGNORE_LABEL_ID  # the last row is padding, as the loader pads a short last batch
-    says_halt = torch.tensor([1.0, 1.0, 1.0, -1.0])  # every real row halts; the padding row's head says go on
-    assert eval_steps(model, batch, says_halt) == 1
-    one_real_row_continues = torch.tensor([1.0, -1.0, 1.0, 1.0])
-    assert eval_steps(loss_head(halt_max_steps=4), batch, one_real_row_continues) == 4  # halt_max_steps
+def test_early_exit_halts_each_row_on_its_own_head():
+    says_halt = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert halted_after_first_eval_step(loss_head(halt_max_steps=4), make_batch(), says_halt, True) == \
+        [True, False, True, False]
+    # Off (the reference): no row halts before halt_max_steps, whatever its head says.
+    assert halted_after_first_eval_step(loss_head(halt_max_steps=4), make_batch(), says_halt, False) == [False] * 4
 
 
 def test_evaluation_model_switch_on_cpu():

@@ -101,7 +101,8 @@ class PretrainConfig(pydantic.BaseModel):
     micro_batch_size: Optional[int] = Field(None, ge=1, description="rows per forward on each process; gradients "
                                                                     "accumulate to global_batch_size (unset: all "
                                                                     "rows in one forward)")
-    eval_early_exit: bool = Field(False, description="stop an evaluation batch once every row's halting head says halt")
+    eval_early_exit: bool = Field(False, description="evaluation: each puzzle stops when its halting head says halt "
+                                                     "and its batch slot takes the next puzzle")
     eval_compile: bool = Field(True, description="evaluate a torch.compile'd model on CUDA (compiled once per run); "
                                                  "False: eager")
     resume: bool = Field(False, description="continue from the newest complete training state in checkpoint_path "

@@ -16,7 +16,6 @@ import torch.utils.checkpoint
 from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import nn
 
-from dataset.common import IGNORE_LABEL_ID
 from models.common import trunc_normal_init_
 from models.layers import Attention, CastedEmbedding, CastedLinear, CosSin, RotaryEmbedding, SwiGLU, rms_norm
 from models.sparse_embedding import CastedSparseEmbedding
@@ -297,8 +296,8 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
 
     def __init__(self, config_dict: dict):
         super().__init__()
-        # Opt-in (evaluation): halt the whole batch once every row's q_halt says halt. Off = the reference,
-        # which always runs halt_max_steps steps in eval.
+        # Opt-in (evaluation): each row halts once its q_halt says halt. Off = the reference, which always runs
+        # halt_max_steps steps in eval.
         self.eval_early_exit = False
         self.config = self.config_class(**config_dict)
         self.inner = self.inner_class(self.config)  # `inner`: checkpoint key prefix
@@ -353,11 +352,11 @@ class TinyRecursiveReasoningModel_ACTV1(nn.Module):
             is_last_step = steps >= cfg.halt_max_steps
             halted = is_last_step
 
-            # Evaluation runs halt_max_steps steps, so all rows of a batch halt together.
+            # Evaluation runs halt_max_steps steps, so all rows of a batch halt together; with early exit each
+            # row halts when its head says so (training's rule, without exploration) and the evaluation loop
+            # gives its slot the next puzzle (training/evaluation.py).
             if not self.training and self.eval_early_exit:
-                # Padding rows (no labels) must not hold the batch, whatever their own head says.
-                padding = (current_data["labels"] == IGNORE_LABEL_ID).all(-1)  # [B]
-                halted = halted | (self.q_says_halt(q_halt_logits, q_continue_logits) | padding).all()
+                halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits)
             if self.training and cfg.halt_max_steps > 1 and self.act_in_training():
                 halted = halted | self.q_says_halt(q_halt_logits, q_continue_logits)
 
