@@ -4,12 +4,16 @@ evaluation loop) on this machine, for one config and batch.
     python scripts/benchmark.py --steps 30 --warmup 8 global_batch_size=768
     python scripts/benchmark.py --seq-len 900 --vocab-size 6 global_batch_size=192 arch.L_cycles=4
     python scripts/benchmark.py --dataset data/maze-30x30-hard-1k --no-compile --eval-batches 0
+    python scripts/benchmark.py --profile global_batch_size=768     # + which kernels take the time
 
 Prints one JSON object (and writes it to `--json-out`): train ms/step, examples/s, peak training memory and
 training/memory.py's estimate of it, compile/warm-up time, evaluation puzzles/s through the full ACT loop and its
 peak memory, and achieved TFLOP/s from the FLOP count derived in docs/performance.md (`model_flops` below).
 Batches come from `--dataset` (its train split, through the project's loader) or are synthetic ones of the task's
-shape (`--seq-len`, `--vocab-size`); the cost of a step does not depend on the token values."""
+shape (`--seq-len`, `--vocab-size`); the cost of a step does not depend on the token values. With `--profile`,
+after the timed work torch.profiler records `--profile-steps` train steps and, apart, `--profile-eval-batches`
+evaluation batches; their top-30 operators and kernels by self time (CUDA time on a GPU, CPU time on a CPU) are
+printed and stored as text in `profile_train` and `profile_eval`."""
 
 import argparse
 import itertools
@@ -86,6 +90,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def profile_table(device: torch.device, run) -> str:
+    """torch.profiler's table of the 30 operators/kernels with the most self time while `run()` works."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+        sync(device)
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort_by, row_limit=30, max_name_column_width=100)  # Triton names are long
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(REPO_ROOT, "config", "cfg_pretrain.yaml"))
@@ -101,10 +116,15 @@ def main(argv=None) -> dict:
     p.add_argument("--early-exit", action="store_true", help="evaluate with eval_early_exit on")
     p.add_argument("--no-compile", action="store_true", help="compile=False (training and evaluation)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--profile", action="store_true", help="then profile a few train steps and eval batches: "
+                   "the top-30 kernels by self time, printed and in the JSON (profile_train, profile_eval)")
+    p.add_argument("--profile-steps", type=int, default=3, help="train steps profiled with --profile")
+    p.add_argument("--profile-eval-batches", type=int, default=1,
+                   help="evaluation batches profiled with --profile (each all its ACT steps; 0 skips)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. arch.mlp_t=True global_batch_size=768")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.eval_batches < 0:
-        p.error("--steps must be >= 1, --warmup and --eval-batches >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.eval_batches < 0 or args.profile_steps < 1 or args.profile_eval_batches < 0:
+        p.error("--steps and --profile-steps must be >= 1, --warmup, --eval-batches and --profile-eval-batches >= 0")
 
     data_path = args.dataset or "synthetic"
     overrides = list(args.overrides) + [f"data_paths=[{data_path}]", "evaluators=[]", "+project_name=benchmark",
@@ -155,6 +175,10 @@ def main(argv=None) -> dict:
         "train_tflops_per_s": round(flops["train_step"] * config.global_batch_size / step_s / 1e12, 4),
     }
 
+    if args.profile:
+        result.update(profile_train_steps=args.profile_steps,
+                      profile_train=profile_table(device, lambda: train(args.profile_steps)))
+
     if args.eval_batches:
         # The real evaluation: the model pretrain.py would evaluate (the EMA copy when ema=True), the shared loop
         # with every ACT step; the first batch is timed apart since it compiles the eval-mode graph.
@@ -183,8 +207,14 @@ def main(argv=None) -> dict:
             "eval_tflops_per_s": None if args.early_exit else
             round(flops["act_step_forward"] * act_steps * puzzles / eval_s / 1e12, 4),
         })
+        if args.profile and args.profile_eval_batches:
+            result.update(profile_eval_batches=args.profile_eval_batches,
+                          profile_eval=profile_table(device, lambda: eval_pass(args.profile_eval_batches)))
 
     if dist_info.is_main:
+        for key in ("profile_train", "profile_eval"):
+            if key in result:
+                print(f"{key}:\n{result[key]}")
         text = json.dumps(result)
         print(text)
         if args.json_out:

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py: the CPU smoke run reports every field, and its FLOP count matches what PyTorch's FLOP
+"""scripts/benchmark.py: the CPU smoke run reports every field (and the --profile kernel tables), and its FLOP count matches what PyTorch's FLOP
 counter sees in one ACT step (and the paper-size Sudoku step's ~36.6 TFLOP)."""
 
 import json
@@ -32,8 +32,14 @@ def paper_config(**kw):
 def test_smoke_run_reports_every_field(tmp_path):
     out = tmp_path / "bench.json"
     result = benchmark.main(["--steps", "2", "--warmup", "1", "--eval-batches", "1", "--seq-len", "9",
-                             "--vocab-size", "5", "--json-out", str(out), *TINY])
+                             "--vocab-size", "5", "--json-out", str(out), "--profile", "--profile-steps", "1", *TINY])
     assert json.loads(out.read_text()) == result
+    for key in ("profile_train", "profile_eval"):  # the kernel tables, by self CPU time here
+        table = result[key]
+        assert "Self CPU" in table and "aten::mm" in table, table
+        rows = [line for line in table.splitlines() if line.strip().startswith("aten::")]
+        assert 0 < len(rows) <= 30
+    assert "AdamATan2" in result["profile_train"] and "AdamATan2" not in result["profile_eval"]
     for key in ("train_ms_per_step", "examples_per_s", "warmup_s", "eval_puzzles_per_s", "eval_warmup_s"):
         assert result[key] > 0, key
     assert result["train_flop_per_step"] == benchmark.model_flops(paper_config(
