@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import sys
+import time
 from typing import Dict, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -193,9 +194,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts: Dict[str, Dict[str, int]] = {}
     # Compiled for the evaluation loop alone: the per-step recording below runs other shapes, eager.
     eval_model = torch.compile(model) if args.compile and dist_info.device.type == "cuda" else model
+    started = time.perf_counter()
     metrics = evaluate(eval_model, loader, eval_metadata, evaluators, dist_info=dist_info, step=0, save_dir=args.outdir,
                        save_outputs=args.eval_save_outputs, early_exit=args.early_exit, progress=True,
                        counts_out=counts)
+    eval_seconds = time.perf_counter() - started  # the evaluation loop, compilation of its first batch included
     if dist_info.is_main:
         metrics = metrics or {}  # an empty test split scores nothing
         print("Run metrics:", metrics)
@@ -207,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "arch": {**config.arch.model_dump(), "forward_dtype": unwrap(model).model.config.forward_dtype},
             "global_batch_size": config.global_batch_size,
             "one_batch": args.one_batch, "early_exit": args.early_exit, "world_size": dist_info.world_size,
-            "metrics": metrics, "counts": counts, "wilson_95": intervals,
+            "metrics": metrics, "counts": counts, "wilson_95": intervals, "eval_seconds": round(eval_seconds, 3),
             "per_task": {type(e).__name__: getattr(e, "per_task", None) for e in evaluators} or None,
         }
         report_path = os.path.join(args.outdir, "eval_report.json")

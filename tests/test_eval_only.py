@@ -197,6 +197,7 @@ def test_report_matches_direct_computation(sudoku, copy_model, copy_checkpoint, 
     assert expected["steps"] == TINY["halt_max_steps"]
     assert metrics == pytest.approx(expected, rel=1e-5, abs=1e-6)
     assert metrics["exact_accuracy"] == pytest.approx(exact_from_file)
+    assert report["eval_seconds"] > 0  # the loop's wall time, for throughput
 
     n_tokens = sum(r["tokens"] for r in rows)
     assert report["counts"] == {"all": {"count": NUM_TEST, "tokens": n_tokens}}
