@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import kernels
 from models.common import trunc_normal_init_
 
 CosSin = Tuple[torch.Tensor, torch.Tensor]
@@ -95,20 +96,24 @@ class Attention(nn.Module):
         # qkv_proj / o_proj: names fixed by the checkpoint keys.
         self.qkv_proj = CastedLinear(hidden_size, (num_heads + 2 * num_key_value_heads) * head_dim, bias=False)
         self.o_proj = CastedLinear(self.output_size, hidden_size, bias=False)
+        self.fused_kernels = False  # set from the config's `fused_kernels` by TRMInner (models/kernels.py)
 
     def forward(self, hidden_states: torch.Tensor, cos_sin: Optional[CosSin] = None) -> torch.Tensor:
         B, S, _ = hidden_states.shape
         nh, nkv = self.num_heads, self.num_key_value_heads
         # Output features are laid out [query heads | key heads | value heads], each head_dim wide.
         qkv = self.qkv_proj(hidden_states).view(B, S, nh + 2 * nkv, self.head_dim)
-        query, key, value = qkv[:, :, :nh], qkv[:, :, nh : nh + nkv], qkv[:, :, nh + nkv :]  # [B, S, h, hd]
-        if cos_sin is not None:
-            query, key = apply_rotary_pos_emb(query, key, *cos_sin)
+        if cos_sin is not None and self.fused_kernels and kernels.fused_rope_applies(qkv):  # only where backward runs
+            query, key, value = kernels.rope_qkv(qkv, *cos_sin, nh, nkv)  # [B, h, S, hd], q and k rotated
+        else:
+            query, key, value = qkv[:, :, :nh], qkv[:, :, nh : nh + nkv], qkv[:, :, nh + nkv :]  # [B, S, h, hd]
+            if cos_sin is not None:
+                query, key = apply_rotary_pos_emb(query, key, *cos_sin)
+            query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, h, S, hd]
 
         if nkv != nh:  # grouped-query attention: share each key/value head across nh/nkv query heads
-            key, value = (t.repeat_interleave(nh // nkv, dim=2) for t in (key, value))
+            key, value = (t.repeat_interleave(nh // nkv, dim=1) for t in (key, value))
 
-        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [B, h, S, hd]
         out = F.scaled_dot_product_attention(query, key, value, is_causal=self.causal)  # scale 1/sqrt(hd)
         out = out.transpose(1, 2).reshape(B, S, self.output_size)  # [B, S, h*hd]
         return self.o_proj(out)
@@ -128,7 +133,10 @@ class SwiGLU(nn.Module):
         # gate_up_proj / down_proj: names fixed by the checkpoint keys. Rows [0, inter) gate, [inter, 2*inter) up.
         self.gate_up_proj = CastedLinear(hidden_size, inter * 2, bias=False)
         self.down_proj = CastedLinear(inter, hidden_size, bias=False)
+        self.fused_kernels = False  # set from the config's `fused_kernels` by TRMInner (models/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_kernels and kernels.fused_applies(x):  # same maths, h recomputed in the backward kernel
+            return kernels.swiglu(x, self.gate_up_proj.weight.to(x.dtype), self.down_proj.weight.to(x.dtype))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

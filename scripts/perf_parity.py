@@ -9,8 +9,12 @@ from the same weights, and runs `--steps` train steps of pretrain.train_batch on
     eager                       compile=False
     eager_recompute             compile=False, +arch.recompute=True
     compiled                    compile=True (PyTorch's default mode)
+    compiled_plain_kernels      compile=True, +arch.fused_kernels=False (the plain PyTorch SwiGLU and RoPE)
     compiled_reduce_overhead    compile=True, +compile_mode=reduce-overhead (CUDA graphs)
     compiled_memory_budget      compile=True, +compile_memory_budget=<--memory-budget>
+
+On CUDA every path but compiled_plain_kernels runs the fused SwiGLU / RoPE kernels (arch.fused_kernels, on by
+default), so compiled_plain_kernels against compiled is the kernels' parity.
 
 Prints one JSON object: per path, against each reference (the compiled paths against `compiled` and `eager`,
 recompute against `eager`), the max abs difference after the last step of the loss and every train metric (all
@@ -48,13 +52,15 @@ def path_overrides(memory_budget: float) -> dict:
         "eager": (["compile=False"], False),
         "eager_recompute": (["compile=False", "+arch.recompute=True"], False),
         "compiled": (["compile=True"], True),
+        "compiled_plain_kernels": (["compile=True", "+arch.fused_kernels=False"], True),
         "compiled_reduce_overhead": (["compile=True", "+compile_mode=reduce-overhead"], True),  # reuses compiled's kernels
         "compiled_memory_budget": (["compile=True", f"+compile_memory_budget={memory_budget}"], True),
     }  # in the order they run: the references first, the cheap ones early
 
 
-REFERENCES = {"compiled": ["eager"], "compiled_memory_budget": ["compiled", "eager"],
-              "compiled_reduce_overhead": ["compiled", "eager"], "eager_recompute": ["eager"]}
+REFERENCES = {"compiled": ["eager"], "compiled_plain_kernels": ["compiled", "eager"],
+              "compiled_memory_budget": ["compiled", "eager"], "compiled_reduce_overhead": ["compiled", "eager"],
+              "eager_recompute": ["eager"]}
 
 
 def run_path(config, metadata, dist_info, weights, batches, steps: int) -> dict:

@@ -56,6 +56,10 @@ class ACTModelConfig(BaseModel):
     # (one more forward of that cycle, about +20% step time); the maths is unchanged.
     recompute: bool = Field(False, description="recompute the gradient cycle's activations in backward: much less "
                                                "training memory for about +20% step time, same maths")
+    # Speed switch: Triton kernels for SwiGLU and (where backward runs) RoPE on CUDA; elsewhere the plain layers.
+    fused_kernels: bool = Field(True, description="on CUDA, Triton kernels for SwiGLU and, where backward runs, RoPE "
+                                                  "(models/kernels.py): same maths, less element-wise traffic; "
+                                                  "False: the plain PyTorch layers")
 
     @field_validator("forward_dtype")
     @classmethod
@@ -198,9 +202,11 @@ class TRMInner(nn.Module):
             self.embed_pos = CastedEmbedding(config.seq_len + P, D, init_std=embed_init_std, cast_to=config.dtype)
 
         self.build_levels(config)
-        for module in self.modules():  # every variant's levels are ReasoningModules
+        for module in self.modules():  # every variant's levels are ReasoningModules of Attention / SwiGLU blocks
             if isinstance(module, ReasoningModule):
                 module.recompute = config.recompute
+            if isinstance(module, (Attention, SwiGLU)):
+                module.fused_kernels = config.fused_kernels
         self.register_start_states(config)
 
         # Q-head starts near "never halt" (sigmoid(-5) ≈ 0.007) so halting is learned from a neutral start.
