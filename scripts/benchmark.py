@@ -5,10 +5,12 @@ evaluation loop) on this machine, for one config and batch.
     python scripts/benchmark.py --seq-len 900 --vocab-size 6 global_batch_size=192 arch.L_cycles=4
     python scripts/benchmark.py --dataset data/maze-30x30-hard-1k --no-compile --eval-batches 0
     python scripts/benchmark.py --profile global_batch_size=768     # + which kernels take the time
+    python scripts/benchmark.py --early-exit --eval-halt-bias 5 global_batch_size=768   # streaming's worst case
 
 Prints one JSON object (and writes it to `--json-out`): train ms/step, examples/s, peak training memory and
 training/memory.py's estimate of it, compile/warm-up time, evaluation puzzles/s through the full ACT loop and its
-peak memory, and achieved TFLOP/s from the FLOP count derived in docs/performance.md (`model_flops` below).
+peak memory (with `--early-exit`: the mean ACT steps the rows used and the row-steps/s), and achieved TFLOP/s from
+the FLOP count derived in docs/performance.md (`model_flops` below).
 Batches come from `--dataset` (its train split, through the project's loader) or are synthetic ones of the task's
 shape (`--seq-len`, `--vocab-size`); the cost of a step does not depend on the token values. With `--profile`,
 after the timed work torch.profiler records `--profile-steps` train steps and, apart, `--profile-eval-batches`
@@ -113,7 +115,13 @@ def main(argv=None) -> dict:
                    help="timed evaluation batches (each all halt_max_steps ACT steps, or fewer with --early-exit); "
                         "0 skips the evaluation")
     p.add_argument("--eval-batch-size", type=int, default=None, help="default: global_batch_size")
-    p.add_argument("--early-exit", action="store_true", help="evaluate with eval_early_exit on")
+    p.add_argument("--early-exit", action="store_true", help="evaluate with eval_early_exit on (rows stream through "
+                   "the batch; the JSON adds the mean ACT steps and row-steps/s)")
+    p.add_argument("--eval-halt-bias", type=float, default=None,
+                   help="measurement knob: set the halting head's q_halt bias (and zero its weights) before the "
+                        "evaluation, so that with --early-exit every row halts at its first step (e.g. 5: the "
+                        "streaming worst case, every slot refilled every step); the default leaves the model as "
+                        "built, whose head (bias -5) never says halt")
     p.add_argument("--no-compile", action="store_true", help="compile=False (training and evaluation)")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     p.add_argument("--profile", action="store_true", help="then profile a few train steps and eval batches: "
@@ -184,14 +192,21 @@ def main(argv=None) -> dict:
         # with every ACT step; the first batch is timed apart since it compiles the eval-mode graph.
         eval_bs = args.eval_batch_size or config.global_batch_size
         eval_model = pretrain.evaluation_model(state)
+        if args.eval_halt_bias is not None:
+            with torch.no_grad():
+                q_head = unwrap(eval_model).model.inner.q_head
+                q_head.weight.zero_()
+                q_head.bias[0] = args.eval_halt_bias
         eval_metadata = metadata.model_copy(update={"sets": ["all"]})
+
+        eval_metrics = {}
 
         def eval_pass(n: int) -> float:
             loader = itertools.islice(synthetic_batches(metadata, eval_bs, config.seed + 1), n)
             sync(device)
             start = time.perf_counter()
-            evaluate(eval_model, loader, eval_metadata, [], dist_info=dist_info, step=0, save_dir=None,
-                     early_exit=args.early_exit)
+            eval_metrics.update(evaluate(eval_model, loader, eval_metadata, [], dist_info=dist_info, step=0,
+                                         save_dir=None, early_exit=args.early_exit) or {})
             sync(device)
             return time.perf_counter() - start
 
@@ -199,13 +214,16 @@ def main(argv=None) -> dict:
         reset_peak(device)
         eval_s = eval_pass(args.eval_batches)
         puzzles = eval_bs * args.eval_batches * dist_info.world_size
-        act_steps = model_cfg.halt_max_steps  # the upper bound; with --early-exit fewer may run
+        # Mean ACT steps per puzzle: every step without early exit; with it, what the rows used (the `steps` metric)
+        act_steps = eval_metrics["all"]["steps"] if args.early_exit and dist_info.is_main else model_cfg.halt_max_steps
         result.update({
             "eval_batch_size": eval_bs, "eval_batches": args.eval_batches, "eval_early_exit": args.early_exit,
             "eval_warmup_s": round(eval_warmup_s, 2), "eval_puzzles_per_s": round(puzzles / eval_s, 1),
-            "eval_peak_gpu_mem_gib": peak_mem_gib(device),
-            "eval_tflops_per_s": None if args.early_exit else
-            round(flops["act_step_forward"] * act_steps * puzzles / eval_s / 1e12, 4),
+            "eval_peak_gpu_mem_gib": peak_mem_gib(device), "eval_halt_bias": args.eval_halt_bias,
+            "eval_mean_act_steps": round(act_steps, 4),
+            # ACT steps of rows per second: what a halting distribution divides to give puzzles/s
+            "eval_row_steps_per_s": round(puzzles * act_steps / eval_s, 1),
+            "eval_tflops_per_s": round(flops["act_step_forward"] * act_steps * puzzles / eval_s / 1e12, 4),
         })
         if args.profile and args.profile_eval_batches:
             result.update(profile_eval_batches=args.profile_eval_batches,

@@ -68,3 +68,15 @@ def test_forward_flops_match_pytorch_counter(mlp_t):
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(carry, batch)
     assert counter.get_total_flops() == benchmark.model_flops(model.config)["act_step_forward"] * 3
+
+
+@pytest.mark.parametrize("halt_bias, mean_steps", [(None, 2), (5.0, 1)])
+def test_early_exit_reports_the_steps_rows_used(halt_bias, mean_steps):
+    # The built model's head (bias -5) never says halt, so every row runs halt_max_steps (2 here); the measurement
+    # knob makes every row halt at its first step, the streaming worst case.
+    bias = [] if halt_bias is None else ["--eval-halt-bias", str(halt_bias)]
+    result = benchmark.main(["--steps", "1", "--warmup", "0", "--eval-batches", "2", "--seq-len", "9",
+                             "--vocab-size", "5", "--early-exit", *bias, *TINY])
+    assert result["eval_early_exit"] is True and result["eval_halt_bias"] == halt_bias
+    assert result["eval_mean_act_steps"] == mean_steps
+    assert result["eval_row_steps_per_s"] == pytest.approx(result["eval_puzzles_per_s"] * mean_steps, rel=1e-3)
