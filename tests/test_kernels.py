@@ -42,6 +42,8 @@ def test_the_switch_reaches_the_layers_and_adds_no_checkpoint_keys():
     assert not any(mod.fused_kernels for mod in layers(off))
     assert list(on.state_dict()) == list(off.state_dict())
     assert not SwiGLU(8, 2).fused_kernels  # a layer built alone is plain
+    # recompute keeps the plain layers: the compiler recomputes through them, not through the kernels
+    assert not any(mod.fused_kernels for mod in layers(loss_head(recompute=True)))
 
 
 def test_the_switch_is_an_optional_arch_key():
