@@ -43,5 +43,8 @@ if [ "${1:-}" = "test" ]; then
     "$VPY" -m pip install -q pytest pytest-xdist playwright
     # Optional: with the modal client the tests also check infra/modal_app.py's Modal functions.
     "$VPY" -m pip install -q modal || echo "modal could not be installed: tests check infra/modal_app.py without it"
+    # Optional: with Triton (no GPU needed) tests/test_kernels.py runs the fused CUDA kernels in Triton's CPU
+    # interpreter against the plain layers' maths.
+    "$VPY" -m pip install -q triton || echo "triton could not be installed: the interpreter test of the kernels will skip"
 fi
 touch "$stamp"
