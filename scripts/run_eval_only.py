@@ -215,7 +215,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
         report_path = os.path.join(args.outdir, "eval_report.json")
         atomic_write_text(report_path, json.dumps(report, indent=2))
-        write_visualizer_json(model, args, eval_metadata, dist_info, record_rows)
+        if record_rows:  # `--record-puzzles none`: no page data, rather than an empty file
+            write_visualizer_json(model, args, eval_metadata, dist_info, record_rows)
         print(f"Report: {report_path}; outputs: {args.outdir}")
     distributed.cleanup()
     return 0

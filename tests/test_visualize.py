@@ -121,3 +121,13 @@ def test_runner_refuses_an_out_of_range_puzzle(trained_sudoku, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: --record-puzzles 99 is out of range: the test split has 32 examples (0..31)"]
+
+
+def test_runner_records_nothing_with_none(trained_sudoku, tmp_path):
+    cmd = [sys.executable, "scripts/run_eval_only.py", "--checkpoint", trained_sudoku["checkpoint"], "--dataset",
+           trained_sudoku["dataset"], "--outdir", str(tmp_path), "--device", "cpu", "--global-batch-size", "32",
+           "--record-puzzles", "none", *trained_sudoku["overrides"]]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "eval_report.json").is_file() and not (tmp_path / recording.VISUALIZER_JSON).exists()
+    assert "Visualizer:" not in result.stdout
