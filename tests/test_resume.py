@@ -10,6 +10,7 @@ plain initialisation, q_halt stays negative in a short run and exploration never
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -190,6 +191,17 @@ def test_truncated_checkpoint_is_skipped_and_other_config_refused(inputs, refere
     error = one_error_line(out.stderr, "incompatible config: arch.hidden_size (checkpoint 32, now 64)",
                            "arch.puzzle_emb_ndim", "global_batch_size (checkpoint 8, now 16)", "total_steps")
     assert error.startswith("error: training state "), out.stderr
+
+
+def test_resume_with_recompute_switched_on_is_exact(inputs, reference, tmp_path):
+    """`+arch.recompute=True` changes how the step runs, not what it computes: a run that ran out of memory may
+    resume with it, and on the CPU the result is bit for bit the uninterrupted run's."""
+    path = str(tmp_path / "run")
+    run(command(inputs, path, "checkpoint_every_steps=5"))
+    shutil.rmtree(os.path.join(path, "train_state", "step_32"))
+    out = run(command(inputs, path, "checkpoint_every_steps=5", "++resume=true", "+arch.recompute=True"))
+    assert "(step 30)" in out.stdout
+    assert_same_run(path, reference)
 
 
 def test_torchrun_sigterm_then_resume_is_exact(inputs, tmp_path):

@@ -52,6 +52,9 @@ METRICS_FILE = "metrics.jsonl"  # written by training/wandb_logging.py when metr
 # warm-up, ema_rate, evaluation and checkpoint settings, names) may change between the two runs.
 COMPATIBILITY_FIELDS = ("arch", "data_paths", "global_batch_size", "micro_batch_size", "epochs", "eval_interval",
                         "seed", "ema", "freeze_weights")
+# Arch switches that change how a step runs, not what it computes: a run may resume with them toggled (e.g. turn
+# recompute on after running out of memory).
+EXECUTION_ONLY_ARCH_KEYS = ("recompute", "fused_kernels")
 
 
 @dataclasses.dataclass
@@ -86,6 +89,7 @@ def state_root(checkpoint_path: str) -> str:
 
 def compatibility_config(config, world_size: int, total_steps: int) -> dict:
     values = config.model_dump(include=set(COMPATIBILITY_FIELDS))
+    values["arch"] = {k: v for k, v in values["arch"].items() if k not in EXECUTION_ONLY_ARCH_KEYS}
     values["data_paths"] = [os.path.normpath(p) for p in values["data_paths"]]
     values.update(world_size=world_size, total_steps=total_steps)
     return values
@@ -111,8 +115,12 @@ def check_compatible(manifest: dict, current: dict, source: str) -> None:
     if manifest.get("config_hash") == config_hash(current):
         return
     saved, now = _flatten(manifest.get("config", {})), _flatten(current)
+    for key in EXECUTION_ONLY_ARCH_KEYS:  # states saved before these keys were left out of the hash
+        saved.pop(f"arch.{key}", None)
     diffs = [f"{k} (checkpoint {saved.get(k, '<unset>')!r}, now {now.get(k, '<unset>')!r})"
              for k in sorted(saved.keys() | now.keys()) if saved.get(k, "<unset>") != now.get(k, "<unset>")]
+    if saved and not diffs:
+        return
     raise CheckpointError(
         f"training state {source} was written by an incompatible config: {'; '.join(diffs) or 'config hash differs'}; "
         "resume with the same values, or start a new run (another +run_name or checkpoint_path)")
